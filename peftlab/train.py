@@ -1,0 +1,149 @@
+"""A small, readable training loop for sequence classification, with time and peak-memory figures.
+
+Peak memory: ``torch.cuda.max_memory_allocated`` on a GPU; on the CPU the process's peak resident
+set size (``ru_maxrss``: weights, activations, optimizer states, the Python interpreter and its
+libraries). Peak RSS only ever rises within a process, so runs to be compared each go in their own
+subprocess: :func:`run_isolated`.
+
+References:
+    - Loshchilov & Hutter, "Decoupled Weight Decay Regularization" (AdamW), arXiv:1711.05101.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .inject import count_parameters
+
+
+@dataclass
+class TrainResult:
+    """What a run reports: losses per step, final accuracy, speed, memory and parameter counts."""
+
+    losses: list[float] = field(default_factory=list)
+    accuracy: float | None = None  # on the evaluation set after training
+    accuracy_before: float | None = None  # the same model before training
+    seconds_per_step: float = 0.0
+    peak_memory_bytes: int = 0
+    trainable: int = 0
+    total: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def peak_memory_bytes(device: torch.device | str | None = None) -> int:
+    """Peak allocated GPU memory on CUDA, else this process's peak RSS (Linux reports KiB)."""
+    device = torch.device(device or default_device())
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def make_loader(dataset, tokenizer, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+    """A DataLoader of padded batches from a tokenized dataset (``input_ids``, ``label``, ...)."""
+    from transformers import DataCollatorWithPadding
+
+    collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=generator)
+
+
+def _to_inputs(batch: dict, device: torch.device) -> dict:
+    batch = {k: v.to(device) for k, v in batch.items()}
+    if "label" in batch:
+        batch["labels"] = batch.pop("label")
+    return batch
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | None = None) -> float:
+    """Accuracy of ``model`` over ``loader``."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    correct = seen = 0
+    for batch in loader:
+        inputs = _to_inputs(batch, device)
+        labels = inputs.pop("labels")
+        pred = model(**inputs).logits.argmax(-1)
+        correct += (pred == labels).sum().item()
+        seen += labels.numel()
+    model.train(was_training)
+    return correct / max(seen, 1)
+
+
+def train(model: nn.Module, train_loader: DataLoader, eval_loader: DataLoader | None = None, steps: int = 100,
+          lr: float = 5e-4, weight_decay: float = 0.0, seed: int = 0, evaluate_before: bool = False,
+          desc: str = "train", progress: bool = True) -> TrainResult:
+    """Train the parameters that require grad with AdamW for ``steps`` steps (cycling the loader).
+
+    Returns a :class:`TrainResult`; ``accuracy`` is measured on ``eval_loader`` after training.
+    """
+    torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("no parameter requires grad: apply a PEFT method (or unfreeze) before training")
+    trainable, total, _ = count_parameters(model)
+    result = TrainResult(trainable=trainable, total=total)
+    if evaluate_before and eval_loader is not None:
+        result.accuracy_before = evaluate(model, eval_loader, device)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    model.train()
+    batches = iter(train_loader)
+    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
+    start = time.perf_counter()
+    for _ in bar:
+        try:
+            batch = next(batches)
+        except StopIteration:  # another epoch
+            batches = iter(train_loader)
+            batch = next(batches)
+        loss = model(**_to_inputs(batch, device)).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        result.losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    result.seconds_per_step = (time.perf_counter() - start) / max(steps, 1)
+    result.peak_memory_bytes = peak_memory_bytes(device)
+    if eval_loader is not None:
+        result.accuracy = evaluate(model, eval_loader, device)
+    model.eval()
+    return result
+
+
+def run_isolated(target: str, timeout: float | None = None, **kwargs) -> dict:
+    """Run ``"package.module:function"(**kwargs)`` in a fresh Python process and return its dict.
+
+    The function must return something JSON can hold. A fresh process is the only honest way to
+    compare CPU peak memory between runs (peak RSS never goes down within a process).
+
+    >>> run_isolated("json:dumps", obj=[1, 2])
+    '[1, 2]'
+    """
+    module, _, function = target.partition(":")
+    code = ("import importlib, json, sys; kw = json.loads(sys.stdin.read()); "
+            f"r = getattr(importlib.import_module({module!r}), {function!r})(**kw); "
+            "print('\\n@@RESULT@@' + json.dumps(r))")
+    proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(kwargs), capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    if proc.returncode != 0 or "@@RESULT@@" not in proc.stdout:
+        raise RuntimeError(f"{target} failed in its subprocess (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.rsplit("@@RESULT@@", 1)[1])

@@ -1,0 +1,58 @@
+"""Test set-up: no network (an accidental hub download fails loudly), fixed seeds, shared model loads."""
+
+import copy
+import os
+import socket
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported anywhere
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+_real_connect = socket.socket.connect
+
+
+def _guarded_connect(self, address):
+    host = address[0] if isinstance(address, tuple) else address
+    if isinstance(host, str) and (host.startswith("127.") or host in ("localhost", "::1") or host.startswith("/")):
+        return _real_connect(self, address)
+    raise RuntimeError(f"tests must not reach the network (tried to connect to {address!r})")
+
+
+def pytest_configure(config):
+    socket.socket.connect = _guarded_connect
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def _minilm_once():
+    from peftlab.models import load_classifier
+
+    torch.manual_seed(0)
+    return load_classifier(num_labels=3)
+
+
+@pytest.fixture
+def minilm(_minilm_once):
+    """A fresh copy of MiniLM-L6 with a 3-way head (the same head weights every time) and its tokenizer."""
+    model, tokenizer = _minilm_once
+    return copy.deepcopy(model).eval(), tokenizer
+
+
+@pytest.fixture(scope="session")
+def _smollm2_once():
+    from peftlab.models import load_causal_lm
+
+    return load_causal_lm()
+
+
+@pytest.fixture
+def smollm2(_smollm2_once):
+    model, tokenizer = _smollm2_once
+    return copy.deepcopy(model).eval(), tokenizer
