@@ -37,7 +37,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	@touch $@
 
 lint: venv
-	$(VENV)/bin/ruff check peftlab tests benchmarks autograde
+	$(VENV)/bin/ruff check $(wildcard peftlab tests benchmarks autograde)
 
 unit: venv
 	$(VENV)/bin/pytest -q tests peftlab

@@ -113,9 +113,10 @@ class LoraLinear(nn.Module):
             raise ValueError("this layer already has LoRA; use add_adapter() for a second adapter")
         self.base = base
         self.fan_in_fan_out = isinstance(base, Conv1D)  # Conv1D stores its weight as (in, out)
-        w = base.weight
-        in_out = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
-        self.in_features, self.out_features = in_out
+        if self.fan_in_fan_out:
+            self.in_features, self.out_features = base.weight.shape
+        else:  # nn.Linear, or a quantized layer (peftlab.quant.Linear4bit) with the same attributes
+            self.in_features, self.out_features = base.in_features, base.out_features
         self.adapters = nn.ModuleDict()  # the small container: name -> LoraAdapter
         self.active: list[str] = []
         self.merged: list[str] = []
@@ -125,9 +126,11 @@ class LoraLinear(nn.Module):
     def add_adapter(self, name: str, config: LoraConfig) -> None:
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists on this layer")
-        w = self.base.weight
-        self.adapters[name] = LoraAdapter(self.in_features, self.out_features, config).to(
-            device=w.device, dtype=w.dtype if w.is_floating_point() else torch.float32)
+        # LoRA lives in the base's float dtype; over a 4-bit base it stays fp32 (QLoRA keeps it precise).
+        ref = next(iter(self.base.parameters()), None)
+        ref = ref if ref is not None else next(iter(self.base.buffers()))
+        dtype = ref.dtype if ref.is_floating_point() and ref.dtype != torch.uint8 else torch.float32
+        self.adapters[name] = LoraAdapter(self.in_features, self.out_features, config).to(device=ref.device, dtype=dtype)
         self.active = [name]
 
     @property
@@ -157,15 +160,20 @@ class LoraLinear(nn.Module):
         with torch.no_grad():
             for name in self.active:
                 if name not in self.merged:
-                    self.base.weight += self.delta_weight(name).to(self.base.weight.dtype)
+                    self._add_to_base(self.delta_weight(name))
                     self.merged.append(name)
 
     def unmerge(self) -> None:
         """Subtract merged updates again, restoring the base weight (up to float rounding)."""
         with torch.no_grad():
             while self.merged:
-                name = self.merged.pop()
-                self.base.weight -= self.delta_weight(name).to(self.base.weight.dtype)
+                self._add_to_base(-self.delta_weight(self.merged.pop()))
+
+    def _add_to_base(self, delta: torch.Tensor) -> None:
+        if hasattr(self.base, "merge_delta"):  # a 4-bit base: dequantize, add, requantize (rounds)
+            self.base.merge_delta(delta)
+        else:
+            self.base.weight += delta.to(self.base.weight.dtype)
 
 
 class ModulesToSave(nn.Module):
@@ -194,6 +202,16 @@ class ModulesToSave(nn.Module):
 # --- model-level functions -------------------------------------------------------------------
 def lora_layers(model: nn.Module) -> list[tuple[str, LoraLinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLinear)]
+
+
+def _wrappable_types() -> tuple[type, ...]:
+    """Layers LoRA can wrap: linear layers, GPT-2's Conv1D, existing wrappers, and 4-bit layers (QLoRA)."""
+    types: tuple[type, ...] = (nn.Linear, Conv1D, LoraLinear)
+    try:
+        from .quant import Linear4bit
+    except ImportError:  # quant.py is optional for LoRA itself
+        return types
+    return (*types, Linear4bit)
 
 
 def _default_targets(model: nn.Module) -> list[str]:
@@ -228,7 +246,7 @@ def apply_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defaul
         return LoraLinear(module, config, adapter_name)
 
     # ".base" is excluded so a regex cannot reach the linear layer inside an existing wrapper.
-    replace_modules(model, targets, wrap, types=(nn.Linear, Conv1D, LoraLinear), exclude=["base"],
+    replace_modules(model, targets, wrap, types=_wrappable_types(), exclude=["base"],
                     what="layer (LoRA wraps nn.Linear and Conv1D)")
     for _, layer in lora_layers(model):
         layer.active = [adapter_name] if adapter_name in layer.adapters else []
