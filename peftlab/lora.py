@@ -130,7 +130,8 @@ class LoraLinear(nn.Module):
         ref = next(iter(self.base.parameters()), None)
         ref = ref if ref is not None else next(iter(self.base.buffers()))
         dtype = ref.dtype if ref.is_floating_point() and ref.dtype != torch.uint8 else torch.float32
-        self.adapters[name] = LoraAdapter(self.in_features, self.out_features, config).to(device=ref.device, dtype=dtype)
+        adapter = LoraAdapter(self.in_features, self.out_features, config)
+        self.adapters[name] = adapter.to(device=ref.device, dtype=dtype)
         self.active = [name]
 
     @property
