@@ -14,9 +14,14 @@ from .lora import (
     unload_lora,
     unmerge_lora,
 )
+from .prefix import PrefixConfig, PrefixTuningModel, load_prefix, save_prefix
+from .prompt import PromptTuningConfig, PromptTuningModel, load_prompt, save_prompt
+from .ptuning import PromptEncoder, PTuningConfig, apply_ptuning
 
 __version__ = "0.1.0"
 __all__ = [
     "LoraConfig", "LoraLinear", "add_weighted_adapter", "apply_lora", "count_parameters", "disable_lora",
     "format_trainable", "load_adapter", "merge_lora", "save_adapter", "set_adapter", "unload_lora", "unmerge_lora",
+    "PrefixConfig", "PrefixTuningModel", "load_prefix", "save_prefix", "PromptTuningConfig", "PromptTuningModel",
+    "load_prompt", "save_prompt", "PTuningConfig", "PromptEncoder", "apply_ptuning",
 ]

@@ -1,0 +1,322 @@
+"""Prefix tuning: learned keys and values that every attention layer sees before the real tokens.
+
+Each layer ``l`` gets ``P`` extra key/value pairs ``(K_l, V_l)``, each of shape (kv_heads, P, head_dim).
+The real tokens attend to them as if P invisible tokens came first; nothing else in the model
+changes and only the prefix trains: ``2 * layers * P * kv_heads * head_dim`` numbers. Li & Liang
+found training the prefix directly unstable and reparametrise it with an MLP,
+``prefix = W2 tanh(W1 E)`` with ``E`` (P x token_dim); after training only the prefix it produces is kept.
+
+**Positions (HF peft's convention, matched here).** The prefix reaches the model as a key/value
+cache of length P, as if P tokens had already been read, so the model numbers the real tokens from
+P: Llama rotates them as positions ``P .. P+T-1``, BERT adds the position embeddings ``P .. P+T-1``,
+and generation continues from there. The prefix itself carries no position (its keys are used as
+learned, never rotated). Numbering the text from 0 would work as well in principle, since the
+prefix is not text, but a prefix is tied to the convention it was trained under: matching HF peft
+lets prefixes and files move between the two libraries and makes the parity test possible. The
+cost: BERT reads at most ``512 - P`` real tokens.
+
+Compared against transformers 5.23.0 and peft 0.21.2, which builds the same ``DynamicCache``;
+transformers' cache classes and generation's handling of a pre-filled cache changed across 4.x.
+
+References:
+    - Li & Liang, "Prefix-Tuning: Optimizing Continuous Prompts for Generation", arXiv:2101.00190.
+    - Liu et al., "P-Tuning v2" (prefixes for classifiers), arXiv:2110.07602.
+    - HF peft ``tuners/prefix_tuning`` and ``PeftModel.get_prompt`` (layout, file format).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, replace
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from .inject import freeze
+
+HEAD_NAMES = ("classifier", "score")  # a sequence classifier's new head: it trains too, as in HF peft
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
+
+@dataclass
+class PrefixConfig:
+    """Prefix-tuning hyper-parameters (HF peft's ``PrefixTuningConfig`` field names).
+
+    >>> PrefixConfig(num_virtual_tokens=10, prefix_projection=True).encoder_hidden_size is None
+    True
+    >>> PrefixConfig(num_virtual_tokens=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: num_virtual_tokens (the prefix length P) must be a positive integer, got 0
+    """
+
+    peft_type: ClassVar[str] = "PREFIX_TUNING"
+    num_virtual_tokens: int = 20  # P, the prefix length
+    prefix_projection: bool = False  # True: Li & Liang's MLP reparametrisation
+    encoder_hidden_size: int | None = None  # MLP width; None: token_dim (HF peft's default)
+    task_type: str | None = None  # "SEQ_CLS" or "CAUSAL_LM"; None: read from the model
+
+    def __post_init__(self):
+        check_positive("num_virtual_tokens (the prefix length P)", self.num_virtual_tokens)
+        if self.encoder_hidden_size is not None:
+            check_positive("encoder_hidden_size", self.encoder_hidden_size)
+        check_task_type(self.task_type)
+
+
+def check_positive(what: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}")
+
+
+def check_task_type(task_type: str | None) -> None:
+    if task_type not in (None, "SEQ_CLS", "CAUSAL_LM"):
+        raise ValueError(f"task_type must be 'SEQ_CLS', 'CAUSAL_LM' or None, got {task_type!r}")
+
+
+def task_type_of(model: nn.Module) -> str:
+    """``"SEQ_CLS"`` for a ``*ForSequenceClassification`` model, ``"CAUSAL_LM"`` for a causal LM."""
+    name = type(model).__name__
+    if name.endswith("ForSequenceClassification"):
+        return "SEQ_CLS"
+    if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
+        return "CAUSAL_LM"
+    raise ValueError(f"{name} is neither a *ForSequenceClassification nor a causal LM: prefix and prompt "
+                     f"tuning here support those two (load_classifier(), load_causal_lm())")
+
+
+def with_task_type(config, model: nn.Module):
+    """A copy of ``config`` whose ``task_type`` is the model's (the caller's config is left as it is)."""
+    task_type = task_type_of(model)
+    if config.task_type not in (None, task_type):
+        raise ValueError(f"config.task_type={config.task_type!r} but the model is a {task_type} model")
+    return replace(config, task_type=task_type)
+
+
+def kv_dims(config) -> tuple[int, int, int]:
+    """``(layers, kv_heads, head_dim)`` of a transformers config: the shape of one layer's keys.
+
+    For grouped-query attention (SmolLM2: 9 query heads share 3 key/value heads of 64) the keys
+    are ``kv_heads * head_dim = 192`` wide, not ``hidden_size = 576``.
+
+    >>> from peftlab.models import get_config
+    >>> kv_dims(get_config("smollm2-135m")), kv_dims(get_config("minilm-l6"))
+    ((30, 3, 64), (6, 12, 32))
+    """
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    if not (layers and heads and hidden):
+        raise ValueError(f"cannot read layers/heads/hidden size from a {type(config).__name__}")
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    return layers, kv_heads, head_dim
+
+
+class PrefixEncoder(nn.Module):
+    """Produces the prefix of every layer at once: a (P, 2 * layers * kv_heads * head_dim) tensor.
+
+    Without projection the prefix is the parameter itself; with it, ``E`` (P x token_dim) goes
+    through ``Linear -> tanh -> Linear`` (Li & Liang, section 4.3). ``token_dim = kv_heads * head_dim``.
+
+    >>> enc = PrefixEncoder(PrefixConfig(num_virtual_tokens=4), layers=2, kv_heads=3, head_dim=8)
+    >>> tuple(enc().shape)  # (P, 2 * layers * kv_heads * head_dim)
+    (4, 96)
+    """
+
+    def __init__(self, config: PrefixConfig, layers: int, kv_heads: int, head_dim: int):
+        super().__init__()
+        self.prefix_projection = config.prefix_projection
+        token_dim = kv_heads * head_dim
+        out = 2 * layers * token_dim  # a key and a value per layer
+        if config.prefix_projection:
+            hidden = config.encoder_hidden_size or token_dim
+            self.embedding = nn.Embedding(config.num_virtual_tokens, token_dim)
+            self.transform = nn.Sequential(nn.Linear(token_dim, hidden), nn.Tanh(), nn.Linear(hidden, out))
+        else:
+            # N(0, 1) init, nn.Embedding's default and HF peft's.
+            self.embedding = nn.Embedding(config.num_virtual_tokens, out)
+
+    def forward(self) -> torch.Tensor:
+        prefix = self.embedding.weight  # (P, token_dim) or (P, out)
+        return self.transform(prefix) if self.prefix_projection else prefix  # (P, 2 * L * kv * hd)
+
+
+class PrefixTuningModel(nn.Module):
+    """A frozen causal LM or sequence classifier whose every attention layer sees a learned prefix.
+
+    >>> from peftlab.models import build_from_config
+    >>> base = build_from_config("tiny-llama")  # 2 layers, 2 kv heads of 16
+    >>> model = PrefixTuningModel(base, PrefixConfig(num_virtual_tokens=5))
+    >>> from peftlab.inject import count_parameters
+    >>> count_parameters(model)[0]  # 2 * layers * P * kv_heads * head_dim = 2 * 2 * 5 * 2 * 16
+    640
+    >>> model(torch.tensor([[1, 2, 3]])).logits.shape
+    torch.Size([1, 3, 256])
+    """
+
+    def __init__(self, base: nn.Module, config: PrefixConfig):
+        super().__init__()
+        if isinstance(base, PrefixTuningModel):
+            raise ValueError("this model already has a prefix")
+        self.base, self.config = base, with_task_type(config, base)
+        self.layers, self.kv_heads, self.head_dim = kv_dims(base.config)
+        freeze(base)
+        self.prefix_encoder = PrefixEncoder(config, self.layers, self.kv_heads, self.head_dim)
+        self.prefix_encoder.to(next(base.parameters()).device)
+        if self.config.task_type == "SEQ_CLS":
+            unfreeze_head(base)
+
+    def past_key_values(self, batch_size: int):
+        """The prefix as a transformers ``DynamicCache`` holding P positions for every layer."""
+        from transformers import DynamicCache
+
+        P, L = self.config.num_virtual_tokens, self.layers
+        dtype = next(self.base.parameters()).dtype
+        kv = self.prefix_encoder().to(dtype)  # (P, 2 * L * kv * hd)
+        # HF peft's layout: index 2l holds layer l's keys, 2l + 1 its values.
+        kv = kv.view(P, 2 * L, self.kv_heads, self.head_dim).permute(1, 2, 0, 3)  # (2L, kv, P, hd)
+        kv = kv.unsqueeze(1).expand(-1, batch_size, -1, -1, -1)  # (2L, B, kv, P, hd): same prefix per row
+        return DynamicCache([(kv[2 * i], kv[2 * i + 1]) for i in range(L)])
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, position_ids=None, **kwargs):
+        if kwargs.get("past_key_values") is not None:
+            raise ValueError("PrefixTuningModel builds past_key_values itself (the prefix); for decoding "
+                             "with a cache use generate()")
+        batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+        P = self.config.num_virtual_tokens
+        if attention_mask is not None:
+            # Every real token may attend to all P prefix positions: (B, T) -> (B, P + T).
+            attention_mask = torch.cat([attention_mask.new_ones(batch_size, P), attention_mask], dim=1)
+        if position_ids is not None:
+            position_ids = position_ids + P  # the real tokens come after the prefix (see module docstring)
+        cache = self.past_key_values(batch_size)
+        return self.base(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                         position_ids=position_ids, past_key_values=cache, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        """``base.generate`` with the prefix pre-filled as the cache; returns prompt + new tokens.
+
+        The attention mask is extended by P ones, so generation numbers positions from the mask
+        (``cumsum - 1``) and the real tokens again start at P, left-padded rows included (as in HF
+        peft). ``forward()`` numbers every row ``P .. P+T-1`` whatever its padding, as HF peft and a
+        plain transformers forward without ``position_ids`` do.
+        """
+        if self.config.task_type != "CAUSAL_LM":
+            raise ValueError(f"generate() needs a causal LM, this model is {self.config.task_type}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        # generate() repeats every row max(num_beams, num_return_sequences) times (transformers 5.x),
+        # but not a cache: build the cache at that size (every row holds the same prefix).
+        gen = kwargs.get("generation_config") or self.base.generation_config
+        rows = input_ids.shape[0] * max(kwargs.get("num_beams") or gen.num_beams or 1,
+                                        kwargs.get("num_return_sequences") or gen.num_return_sequences or 1)
+        mask = torch.cat([attention_mask.new_ones(input_ids.shape[0], self.config.num_virtual_tokens),
+                          attention_mask], dim=1)  # (B, P + T)
+        # A mask longer than input_ids tells generate() that the cache already holds those P positions.
+        return self.base.generate(input_ids=input_ids, attention_mask=mask,
+                                  past_key_values=self.past_key_values(rows), **kwargs)
+
+
+def unfreeze_head(base: nn.Module) -> None:
+    """Let a sequence classifier's head (``classifier`` or ``score``) train: it starts random."""
+    heads = [m for n, m in base.named_children() if n in HEAD_NAMES]
+    if not heads:
+        children = [n for n, _ in base.named_children()]
+        raise ValueError(f"no classification head named {HEAD_NAMES} among {children}")
+    for p in heads[0].parameters():
+        p.requires_grad_(True)
+
+
+def head_state_dict(base: nn.Module) -> dict[str, torch.Tensor]:
+    """The head's tensors under HF peft's file keys (``base_model.classifier.weight``...)."""
+    return {f"base_model.{n}.{k}": v for n, m in base.named_children() if n in HEAD_NAMES
+            for k, v in m.state_dict().items()}
+
+
+# --- files: HF peft's on-disk format (``PeftModel.from_pretrained`` loads them) ------------------
+def write_files(path, config_json: dict, tensors: dict[str, torch.Tensor]) -> int:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors``; return the bytes written."""
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    weights, cfg = os.path.join(path, ADAPTER_WEIGHTS), os.path.join(path, ADAPTER_CONFIG)
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, weights,
+              metadata={"format": "pt"})
+    with open(cfg, "w") as f:
+        json.dump(dict(config_json, inference_mode=True, num_transformer_submodules=1), f,
+                  indent=2, sort_keys=True)
+    return os.path.getsize(weights) + os.path.getsize(cfg)
+
+
+def read_files(path, peft_types: tuple[str, ...]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read an adapter directory whose ``peft_type`` is one of ``peft_types``."""
+    from safetensors.torch import load_file
+
+    cfg = os.path.join(path, ADAPTER_CONFIG)
+    if not os.path.isfile(cfg):
+        raise FileNotFoundError(f"{cfg} does not exist: is {path!r} an adapter directory?")
+    with open(cfg) as f:
+        raw = json.load(f)
+    if raw.get("peft_type") not in peft_types:
+        raise ValueError(f"{path} holds a {raw.get('peft_type')} adapter; expected one of {peft_types}")
+    return raw, load_file(os.path.join(path, ADAPTER_WEIGHTS))
+
+
+def check_fits(path, raw: dict, expected: dict, tensors: dict, shapes: dict) -> None:
+    """Raise ``ValueError`` when a file's dimensions or tensors do not fit this model."""
+    for key, value in expected.items():
+        if raw.get(key) != value:
+            raise ValueError(f"adapter at {path} was made for another model: {key}={raw.get(key)!r}, "
+                             f"this model has {value!r}")
+    if set(tensors) != set(shapes):
+        raise ValueError(f"adapter at {path} was made for another model: it holds {sorted(tensors)}, "
+                         f"this model needs {sorted(shapes)}")
+    for key, shape in shapes.items():
+        if tuple(tensors[key].shape) != tuple(shape):
+            raise ValueError(f"adapter at {path} was made for another model: {key} has shape "
+                             f"{tuple(tensors[key].shape)}, this model needs {tuple(shape)}")
+
+
+def save_prefix(model: PrefixTuningModel, path) -> int:
+    """Save the prefix (and a classifier's head) as HF peft does; return the bytes written.
+
+    With ``prefix_projection`` the file holds the prefix the MLP produces, not the MLP: the
+    reparametrisation only helps training (HF peft does the same).
+    """
+    cfg, token_dim = model.config, model.kv_heads * model.head_dim
+    tensors = {"prompt_embeddings": model.prefix_encoder(), **head_state_dict(model.base)}
+    return write_files(path, dict(
+        asdict(cfg), peft_type=cfg.peft_type, num_layers=model.layers, num_attention_heads=model.kv_heads,
+        token_dim=token_dim, encoder_hidden_size=cfg.encoder_hidden_size or token_dim,
+        base_model_name_or_path=getattr(model.base.config, "_name_or_path", None),
+    ), tensors)
+
+
+def load_prefix(base: nn.Module, path) -> PrefixTuningModel:
+    """Wrap ``base`` with the prefix saved at ``path`` (by :func:`save_prefix` or by HF peft).
+
+    Raises ``ValueError`` when the file was made for another model (other layer count or key width).
+    """
+    raw, tensors = read_files(path, ("PREFIX_TUNING",))
+    layers, kv_heads, head_dim = kv_dims(base.config)
+    P = raw["num_virtual_tokens"]
+    check_fits(path, raw, dict(task_type=task_type_of(base), num_layers=layers, num_attention_heads=kv_heads,
+                               token_dim=kv_heads * head_dim), tensors,
+               {"prompt_embeddings": (P, 2 * layers * kv_heads * head_dim),
+                **{k: v.shape for k, v in head_state_dict(base).items()}})
+    model = PrefixTuningModel(base, PrefixConfig(num_virtual_tokens=P, task_type=raw["task_type"]))
+    load_head_and(model, tensors, model.prefix_encoder.embedding.weight)
+    return model
+
+
+def load_head_and(model: nn.Module, tensors: dict, weight: torch.Tensor) -> None:
+    """Copy ``prompt_embeddings`` into ``weight`` and any head tensors into ``model.base``'s head."""
+    with torch.no_grad():
+        weight.copy_(tensors["prompt_embeddings"])
+        for n, m in model.base.named_children():
+            if n in HEAD_NAMES:
+                m.load_state_dict({k.removeprefix(f"base_model.{n}."): v for k, v in tensors.items()
+                                   if k.startswith(f"base_model.{n}.")})
