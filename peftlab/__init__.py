@@ -17,6 +17,7 @@ from .lora import (
 from .prefix import PrefixConfig, PrefixTuningModel, load_prefix, save_prefix
 from .prompt import PromptTuningConfig, PromptTuningModel, load_prompt, save_prompt
 from .ptuning import PromptEncoder, PTuningConfig, apply_ptuning
+from .quant import Linear4bit, QuantConfig, dequantize_nf4, nf4_codebook, quantize_model, quantize_nf4
 
 __version__ = "0.1.0"
 __all__ = [
@@ -24,4 +25,5 @@ __all__ = [
     "format_trainable", "load_adapter", "merge_lora", "save_adapter", "set_adapter", "unload_lora", "unmerge_lora",
     "PrefixConfig", "PrefixTuningModel", "load_prefix", "save_prefix", "PromptTuningConfig", "PromptTuningModel",
     "load_prompt", "save_prompt", "PTuningConfig", "PromptEncoder", "apply_ptuning",
+    "Linear4bit", "QuantConfig", "dequantize_nf4", "nf4_codebook", "quantize_model", "quantize_nf4",
 ]
