@@ -17,7 +17,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 export PEFTLAB_TORCH_PIN := $(TORCH_PIN)
 
-.PHONY: course test venv lint unit reports clean-build
+.PHONY: course test test-gpu venv lint unit reports clean-build
 
 course: venv
 	$(PY) -m peftlab.cli compare --methods full,lora --steps 200 --limit 2000 --eval-limit 500 --out reports
@@ -40,7 +40,11 @@ lint: venv
 	$(VENV)/bin/ruff check $(wildcard peftlab tests benchmarks autograde)
 
 unit: venv
-	$(VENV)/bin/pytest -q tests peftlab
+	$(VENV)/bin/pytest -q -m "not gpu" tests peftlab
+
+# On a CUDA machine (see README, "GPU"): the tests marked gpu.
+test-gpu: venv
+	$(VENV)/bin/pytest -q -m gpu tests
 
 clean-build:
 	rm -rf build
