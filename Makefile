@@ -21,6 +21,8 @@ export PEFTLAB_TORCH_PIN := $(TORCH_PIN)
 
 course: venv
 	$(PY) -m peftlab.cli compare --methods full,lora --steps 200 --limit 2000 --eval-limit 500 --out reports
+	@# memory: analytic model for 135M..70B, with the committed GPU and cached CPU measurements
+	$(PY) -m peftlab.memory_report --out reports
 
 test: venv lint unit
 

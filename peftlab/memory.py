@@ -1,0 +1,605 @@
+"""Peak memory of fine-tuning: an analytic model (weights, grads, optimizer, activations), checked by measurement.
+
+Peak training memory of one step, in bytes, for a Llama-style decoder (or BERT encoder) and a method:
+
+- **weights**: every parameter at its storage width (fp32 4 B, bf16 2 B, NF4 0.5 B + 0.127 bit of constants).
+- **gradients**: one per *trainable* parameter, at the parameter's width.
+- **optimizer**: AdamW keeps two fp32 moments (8 B/param); bf16 training adds an fp32 master copy (4 B/param),
+  so bf16 weights + bf16 grads + master + moments = 16 B/param (ZeRO). 8-bit AdamW: 2 B/param of moments.
+  Paged optimizers put the moments in CUDA managed memory, which ``torch.cuda.max_memory_allocated`` does not
+  count (and which must never exceed the card's free memory); they are reported as ``managed``.
+- **activations**: the tensors autograd saves for the backward pass, summed tensor by tensor over what
+  PyTorch eager (HF transformers, SDPA attention) actually saves, plus the loss's transient logits.
+
+Gradients and activations are not alive at once: backward frees activations layer by layer while it writes
+gradients, so the peak is ``weights + optimizer + max(activations + head gradient, gradients + optimizer
+step scratch)``, not the sum of the four columns.
+
+References:
+    - Rajbhandari et al., "ZeRO: Memory Optimizations Toward Training Trillion Parameter Models", arXiv:1910.02054
+      (16 bytes per parameter for mixed-precision Adam).
+    - Dettmers et al., "QLoRA: Efficient Finetuning of Quantized LLMs", arXiv:2305.14314 (NF4, double
+      quantization 0.127 bit/param, paged optimizers).
+    - Dettmers et al., "8-bit Optimizers via Block-wise Quantization", arXiv:2110.02861.
+    - Korthikanti et al., "Reducing Activation Recomputation in Large Transformer Models", arXiv:2205.05198
+      (activation memory per layer, ``sbh(34 + 5as/h)``; adapted here to what eager PyTorch saves).
+    - Chen et al., "Training Deep Nets with Sublinear Memory Cost" (gradient checkpointing), arXiv:1604.06174.
+    - Hu et al., "LoRA", arXiv:2106.09685; Houlsby et al., arXiv:1902.00751; Pfeiffer et al., arXiv:2005.00247;
+      Li & Liang (prefix tuning), arXiv:2101.00190; Lester et al. (prompt tuning), arXiv:2104.08691.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+GB = 1e9  # decimal gigabytes, as the QLoRA paper and GPU spec sheets use
+
+# --- real architectures (public config.json values of the Hugging Face hub repositories) ----------------------
+_LLAMA1 = dict(model_type="llama", vocab_size=32000, rms_norm_eps=1e-6, max_position_embeddings=2048,
+               tie_word_embeddings=False)
+_LLAMA3 = dict(model_type="llama", vocab_size=128256, rms_norm_eps=1e-5, max_position_embeddings=131072,
+               rope_theta=500000.0, num_key_value_heads=8)
+MEMORY_CONFIGS: dict[str, dict] = {
+    # HuggingFaceTB/SmolLM2-360M
+    "smollm2-360m": dict(model_type="llama", hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
+                         num_attention_heads=15, num_key_value_heads=5, vocab_size=49152, rms_norm_eps=1e-5,
+                         max_position_embeddings=8192, tie_word_embeddings=True, rope_theta=100000.0),
+    # meta-llama/Llama-3.2-1B, Llama-3.2-3B, Llama-3.1-8B
+    "llama-3.2-1b": dict(_LLAMA3, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, tie_word_embeddings=True),
+    "llama-3.2-3b": dict(_LLAMA3, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                         num_attention_heads=24, tie_word_embeddings=True),
+    "llama-3.1-8b": dict(_LLAMA3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, tie_word_embeddings=False),
+    # huggyllama/llama-7b, -13b, -30b ("33B"), -65b: the LLaMA-1 models that Guanaco (QLoRA paper) tuned
+    "llama-7b": dict(_LLAMA1, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
+    "llama-13b": dict(_LLAMA1, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                      num_attention_heads=40),
+    "llama-33b": dict(_LLAMA1, hidden_size=6656, intermediate_size=17920, num_hidden_layers=60,
+                      num_attention_heads=52),
+    "llama-65b": dict(_LLAMA1, hidden_size=8192, intermediate_size=22016, num_hidden_layers=80,
+                      num_attention_heads=64),
+    # meta-llama/Llama-2-70b-hf
+    "llama-2-70b": dict(_LLAMA1, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                        num_attention_heads=64, num_key_value_heads=8, rms_norm_eps=1e-5,
+                        max_position_embeddings=4096),
+}
+
+METHODS = ("full", "lora", "qlora", "houlsby", "pfeiffer", "prefix", "prompt")
+DTYPES = ("fp32", "bf16")  # fp32: everything fp32; bf16: bf16 weights/activations, fp32 master + moments
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
+DTYPE_BYTES = {"fp32": 4, "bf16": 2}
+NF4_BYTES = 0.5  # two 4-bit codes per byte (QLoRA section 3)
+DOUBLE_QUANT_BITS = 8 / 64 + 32 / (64 * 256)  # 8-bit absmax per 64 weights + fp32 per 256 absmax = 0.127 bit
+
+
+def config_names() -> list[str]:
+    from .models import ARCH_CONFIGS
+
+    return sorted(set(ARCH_CONFIGS) | set(MEMORY_CONFIGS))
+
+
+def get_model_config(name_or_path: str | dict):
+    """A transformers config from a name (:data:`MEMORY_CONFIGS` or ``models.ARCH_CONFIGS``), dict or path.
+
+    >>> get_model_config("llama-2-70b").num_key_value_heads
+    8
+    """
+    from .models import get_config
+
+    if isinstance(name_or_path, str) and name_or_path in MEMORY_CONFIGS:
+        return get_config(MEMORY_CONFIGS[name_or_path])
+    if isinstance(name_or_path, str) and not os.path.exists(name_or_path) and name_or_path not in config_names():
+        raise ValueError(f"unknown model {name_or_path!r}: choose one of {config_names()} or give a config.json path")
+    return get_config(name_or_path)
+
+
+@dataclass
+class MemoryConfig:
+    """One training setup to predict (and optionally measure).
+
+    >>> MemoryConfig(model="llama-7b", method="dora")
+    Traceback (most recent call last):
+    ...
+    ValueError: method must be one of ('full', 'lora', 'qlora', 'houlsby', 'pfeiffer', 'prefix', 'prompt'), got 'dora'
+    """
+
+    model: str = "smollm2-135m"
+    method: str = "lora"
+    r: int = 8
+    target_modules: list[str] | None = None  # None: HF peft's default for the architecture (q, v)
+    dtype: str = "bf16"
+    optimizer: str = "adamw"
+    batch: int = 8
+    seq: int = 512
+    grad_checkpointing: bool = False
+    reduction_factor: int = 16  # bottleneck adapters: m = d / reduction_factor
+    num_virtual_tokens: int = 20  # prefix and prompt tuning
+    task: str = "causal_lm"  # or "classification" (BERT-style encoders)
+    quant_backend: str = "bnb"  # QLoRA's 4-bit layer: bitsandbytes, or peftlab.quant.Linear4bit
+
+    def __post_init__(self):
+        for name, value, allowed in (("method", self.method, METHODS), ("dtype", self.dtype, DTYPES),
+                                     ("optimizer", self.optimizer, OPTIMIZERS),
+                                     ("task", self.task, ("causal_lm", "classification")),
+                                     ("quant_backend", self.quant_backend, ("bnb", "peftlab"))):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        for name in ("r", "batch", "seq", "reduction_factor", "num_virtual_tokens"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+
+
+@dataclass
+class Estimate:
+    """Predicted bytes per term; ``total`` is the peak (see the module docstring), not the column sum."""
+
+    weights: float
+    grads: float
+    optimizer: float
+    activations: float
+    total: float
+    trainable: int
+    params: int
+    managed: float = 0.0  # paged optimizer states in CUDA managed memory (not in max_memory_allocated)
+    detail: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --- parameter counts from the real module tree ---------------------------------------------------------------
+def _meta_model(cfg: MemoryConfig) -> nn.Module:
+    from .models import build_from_config
+
+    # num_labels=2 only matters for classification heads; a meta model allocates nothing.
+    return build_from_config(get_model_config(cfg.model), task=cfg.task, device="meta")
+
+
+def _lora_targets(model: nn.Module, cfg: MemoryConfig) -> list[str]:
+    from .lora import DEFAULT_TARGETS
+
+    if cfg.target_modules:
+        return list(cfg.target_modules)
+    model_type = model.config.model_type
+    if model_type not in DEFAULT_TARGETS:
+        raise ValueError(f"give target_modules for model_type {model_type!r}")
+    return DEFAULT_TARGETS[model_type]
+
+
+def count_params(cfg: MemoryConfig) -> dict:
+    """Parameter counts of the method on the real (meta) module tree.
+
+    Returns ``trainable``, ``frozen`` (kept at the compute width), ``quantized`` (frozen linear weights
+    stored in NF4 by QLoRA), ``lora_modules`` (how many layers carry a LoRA pair) and ``max_param``
+    (numel of the largest trainable tensor: the optimizer's scratch is sized by it).
+
+    >>> c = count_params(MemoryConfig(model="tiny-llama", method="lora", r=4))
+    >>> c["trainable"]  # 2 layers x (q: 4*(64+64) + v: 4*(64+32))
+    1792
+    """
+    from .inject import matches
+
+    model = _meta_model(cfg)
+    arch = model.config
+    total = sum(p.numel() for p in model.parameters())  # .parameters() counts tied weights once
+    d, n_layers = arch.hidden_size, arch.num_hidden_layers
+    head_names = ("lm_head", "classifier", "score")
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    body_linear = {n: m for n, m in linears.items() if not any(matches(n, [h]) for h in head_names)}
+    head_params = sum(p.numel() for n, m in linears.items() if n not in body_linear for p in m.parameters())
+    out = dict(params=total, quantized=0, lora_modules=0, head=head_params)
+    if cfg.method == "full":
+        out.update(trainable=total, frozen=0, max_param=max(p.numel() for p in model.parameters()))
+        return out
+    if cfg.method in ("lora", "qlora"):
+        targets = _lora_targets(model, cfg)
+        chosen = {n: m for n, m in body_linear.items() if matches(n, targets)}
+        if not chosen:
+            raise ValueError(f"target_modules {targets} matched no linear layer of {cfg.model}")
+        # LoRA: A is (r x in), B is (out x r): r (in + out) per wrapped layer (Hu et al., section 4.1)
+        trainable = sum(cfg.r * (m.in_features + m.out_features) for m in chosen.values())
+        out.update(lora_modules=len(chosen), lora_width=sum(m.out_features for m in chosen.values()) // n_layers,
+                   max_param=max(cfg.r * max(m.in_features, m.out_features) for m in chosen.values()))
+    elif cfg.method in ("houlsby", "pfeiffer"):
+        m_ = max(1, d // cfg.reduction_factor)
+        per_adapter = d * m_ + m_ + m_ * d + d  # down (d -> m) + bias, up (m -> d) + bias
+        per_layer = 2 if cfg.method == "houlsby" else 1  # Houlsby: after attention and FFN; Pfeiffer: FFN only
+        trainable = n_layers * per_layer * per_adapter
+        out.update(max_param=d * m_, adapters_per_layer=per_layer, bottleneck=m_)
+    elif cfg.method == "prefix":
+        heads = arch.num_attention_heads
+        kv_dim = getattr(arch, "num_key_value_heads", heads) * (d // heads)
+        trainable = 2 * n_layers * cfg.num_virtual_tokens * kv_dim  # a key and a value row per layer per token
+        out.update(max_param=trainable)
+    else:  # prompt
+        trainable = cfg.num_virtual_tokens * d  # one embedding row per virtual token
+        out.update(max_param=trainable)
+    if cfg.task == "classification":  # the new head trains too (modules_to_save)
+        trainable += head_params
+    quantized = sum(m.weight.numel() for m in body_linear.values()) if cfg.method == "qlora" else 0
+    out.update(trainable=trainable, quantized=quantized, frozen=total - quantized - (
+        head_params if cfg.task == "classification" else 0))
+    return out
+
+
+# --- activations: what eager PyTorch saves for backward, per token ------------------------------------------------
+def llama_layer_activations(arch, cfg: MemoryConfig, counts: dict) -> dict:
+    """Bytes saved for backward per token by one Llama decoder layer (HF eager modules, SDPA attention).
+
+    Korthikanti et al. count ``34 h`` bytes per token per layer for GPT with fp16 and dropout; here the
+    tensors are listed as HF's ``LlamaDecoderLayer`` creates them, and a tensor is counted only when
+    autograd keeps it: ``F.linear`` keeps its input only if its weight trains (or a LoRA ``A`` reads it),
+    a multiplication keeps an operand only if the other one needs a gradient.
+    """
+    a = 2 if cfg.dtype == "bf16" else 4  # activation width (bf16 compute, or fp32)
+    d, ff, heads = arch.hidden_size, arch.intermediate_size, arch.num_attention_heads
+    kv = getattr(arch, "num_key_value_heads", heads) * (d // heads)
+    full = cfg.method == "full"
+    lora = cfg.method in ("lora", "qlora")
+    targets = _lora_targets(_meta_model(cfg), cfg) if lora else []
+
+    def reads(*names: str) -> int:  # does any of these linears keep its input for backward?
+        return int(full or any(n in targets for n in names))
+
+    # RMSNorm computes in fp32: x.float() is kept (4 B) by pow and mul; rsqrt (4 B per token) too; the
+    # normalised x before the weight (a B) is kept when the weight trains; the output (a B) when a linear reads it.
+    norm_attn = 4 * d + 4 + full * a * d + reads("q_proj", "k_proj", "v_proj") * a * d
+    norm_mlp = 4 * d + 4 + full * a * d + reads("gate_proj", "up_proj") * a * d
+    # SDPA (flash / CPU flash kernel) keeps q, k, v after RoPE, its output, and a fp32 log-sum-exp per head.
+    # The output is laid out (B, T, H, hd), so o_proj's input is a view of it: no extra copy.
+    attention = a * (d + kv + kv + d) + 4 * heads
+    # SwiGLU: silu keeps gate (a ff), the product keeps silu(gate) and up (2 a ff); down_proj keeps its input.
+    mlp = a * 3 * ff + reads("down_proj") * a * ff
+    # LoRA keeps x @ A^T (r values) for B's gradient, per wrapped layer.
+    lora_mid = a * cfg.r * counts.get("lora_modules", 0) / arch.num_hidden_layers
+    adapters = 0
+    if cfg.method in ("houlsby", "pfeiffer"):  # down keeps its input (d), the activation and up keep m each
+        adapters = counts["adapters_per_layer"] * a * (d + 2 * counts["bottleneck"])
+    total = norm_attn + attention + norm_mlp + mlp + lora_mid + adapters
+    return dict(norm_attn=norm_attn, attention=attention, norm_mlp=norm_mlp, mlp=mlp, lora=lora_mid,
+                adapters=adapters, total=total)
+
+
+def bert_layer_activations(arch, cfg: MemoryConfig, counts: dict, seq: int) -> dict:
+    """Bytes saved per token by one BERT layer (post-LayerNorm, GELU, dropout 0.1, eager attention).
+
+    BERT's attention with a padding mask runs SDPA's math path, which keeps the scores' softmax, the dropout
+    mask and the dropped-out probabilities: ``3 H T`` values per token, the ``5as/h`` term of Korthikanti et al.
+    """
+    a = 2 if cfg.dtype == "bf16" else 4
+    d, ff, heads = arch.hidden_size, arch.intermediate_size, arch.num_attention_heads
+    full = cfg.method == "full"
+    lora = cfg.method in ("lora", "qlora")
+    targets = _lora_targets(_meta_model(cfg), cfg) if lora else []
+    qkv_in = int(full or any(t in targets for t in ("query", "key", "value")))
+    attention = a * (qkv_in * d + 3 * d + 3 * heads * seq)  # input, q, k, v; softmax, mask, dropped probs
+    # attention.output: dense input (if it trains), dropout mask, LayerNorm input and its mean/rstd
+    attn_out = a * (full * d + d + d) + 8
+    # intermediate input (LayerNorm output, if it trains), GELU input, output.dense input, dropout mask, LN
+    ffn = a * (full * d + ff + full * ff + d + d) + 8
+    lora_mid = a * cfg.r * counts.get("lora_modules", 0) / arch.num_hidden_layers
+    total = attention + attn_out + ffn + lora_mid
+    return dict(attention=attention, attn_out=attn_out, ffn=ffn, lora=lora_mid, total=total)
+
+
+def activation_bytes(cfg: MemoryConfig, counts: dict | None = None) -> dict:
+    """Peak activation bytes of one forward + backward (see :func:`llama_layer_activations`)."""
+    arch = get_model_config(cfg.model)
+    counts = counts or count_params(cfg)
+    n_layers, d = arch.num_hidden_layers, arch.hidden_size
+    virtual = cfg.num_virtual_tokens if cfg.method == "prompt" else 0
+    tokens = cfg.batch * (cfg.seq + virtual)  # prompt tuning lengthens every sequence
+    a = 2 if cfg.dtype == "bf16" else 4
+    if arch.model_type == "bert":
+        layer = bert_layer_activations(arch, cfg, counts, cfg.seq + virtual)
+        # embeddings: LayerNorm input + its statistics + dropout mask; head: pooler and classifier are tiny
+        head_saved, head_transient = tokens * (2 * a * d + 8), 0.0
+    elif arch.model_type in ("llama", "mistral", "qwen2"):
+        layer = llama_layer_activations(arch, cfg, counts)
+        vocab = arch.vocab_size
+        # final RMSNorm as above; HF's loss upcasts logits to fp32 and log_softmax keeps its fp32 output (4 V).
+        head_saved = tokens * (4 * d + 4 + (cfg.method == "full") * 2 * a * d + 4 * vocab)
+        # Transient at the loss: forward holds a-byte logits + the fp32 copy beside the kept output; backward
+        # holds nll's fp32 gradient and log_softmax's fp32 input gradient (2 x 4 V) next to the kept 4 V.
+        head_transient = tokens * max(a * vocab + 4 * vocab, 8 * vocab)
+    else:
+        raise ValueError(f"activation formulas exist for llama/mistral/qwen2 and bert, not {arch.model_type!r}")
+    per_layer = tokens * layer["total"]
+    if cfg.method == "prefix":  # the prefix's keys and values join every layer's attention (kept by SDPA)
+        kv_dim = counts["trainable"] / (2 * n_layers * cfg.num_virtual_tokens)
+        per_layer += cfg.batch * cfg.num_virtual_tokens * 2 * a * kv_dim
+    if cfg.grad_checkpointing:
+        # Only each layer's input (a d per token) is kept; backward recomputes one layer at a time (Chen et al.).
+        saved = n_layers * tokens * a * d
+        peak = saved + max(head_saved + head_transient, per_layer + head_saved)
+    else:
+        saved = n_layers * per_layer
+        peak = saved + head_saved + head_transient
+    return dict(peak=peak, per_layer=per_layer, saved=saved + head_saved, head_transient=head_transient,
+                per_token_layer=layer)
+
+
+def estimate(cfg: MemoryConfig) -> Estimate:
+    """Predict the peak memory of one training step (after the first, when optimizer states exist).
+
+    >>> e = estimate(MemoryConfig(model="llama-65b", method="full", dtype="bf16", batch=1, seq=512))
+    >>> round(e.weights / e.params), round((e.weights + e.grads + e.optimizer) / e.params)  # ZeRO's 16 B/param
+    (2, 16)
+    """
+    counts = count_params(cfg)
+    w = DTYPE_BYTES[cfg.dtype]
+    trainable, frozen, quantized = counts["trainable"], counts["frozen"], counts["quantized"]
+    # Weights: trainable and frozen at the compute width; QLoRA's frozen linears in NF4 + double-quant constants.
+    weights = w * (trainable + frozen) + quantized * (NF4_BYTES + DOUBLE_QUANT_BITS / 8)
+    grads = w * trainable  # one gradient per trainable parameter, same dtype as the parameter
+    # AdamW: exp_avg + exp_avg_sq in fp32 (8 B); bf16 adds the fp32 master weights (4 B): 2+2+4+8 = 16 (ZeRO 3.1)
+    master = 4 * trainable if cfg.dtype == "bf16" else 0
+    moments = (2 if "8bit" in cfg.optimizer else 8) * trainable  # 8-bit AdamW: one byte per moment
+    paged = cfg.optimizer.startswith("paged")
+    optimizer = master + (0 if paged else moments)
+    act = activation_bytes(cfg, counts)
+    # The step's scratch, for the largest tensor: fp32 grad copy + sqrt(v) denominator (bf16), or the denominator.
+    step_scratch = (8 if cfg.dtype == "bf16" else 4) * counts["max_param"]
+    # First gradient to appear in backward: the head's (the LM head / tied embedding is the largest matrix).
+    head_grad = w * counts["head"] if cfg.method == "full" else 0
+    # QLoRA dequantizes one weight at a time (bitsandbytes): a transient bf16 copy of the largest linear.
+    dequant = 0
+    if cfg.method == "qlora":
+        arch = get_model_config(cfg.model)
+        dequant = 2 * arch.hidden_size * arch.intermediate_size
+        if cfg.quant_backend == "peftlab":
+            # Found by measurement: peftlab's Linear4bit calls F.linear(x, dequantized_w), and autograd keeps
+            # that bf16 weight for the input gradient: 2 B per quantized param stay alive until backward
+            # (one layer's worth under checkpointing). bitsandbytes' MatMul4Bit dequantizes again in backward.
+            held = quantized if not cfg.grad_checkpointing else quantized / arch.num_hidden_layers
+            dequant += 2 * held
+    total = weights + optimizer + max(act["peak"] + head_grad + dequant, grads + step_scratch)
+    return Estimate(weights=weights, grads=grads, optimizer=optimizer, activations=act["peak"], total=total,
+                    trainable=trainable, params=counts["params"], managed=moments if paged else 0.0,
+                    detail=dict(counts=counts, activations=act, step_scratch=step_scratch, head_grad=head_grad,
+                                dequant=dequant, config=asdict(cfg)))
+
+
+# --- measurement --------------------------------------------------------------------------------------------------
+class MasterAdamW:
+    """AdamW over fp32 master copies of bf16 parameters, one tensor at a time (ZeRO's 16 B/param layout).
+
+    Stepping tensor by tensor keeps the scratch to one fp32 gradient and one denominator of the largest
+    tensor, instead of a full fp32 copy of every gradient.
+    """
+
+    def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+        self.params = [p for p in params if p.requires_grad]
+        self.master = [p.detach().float() for p in self.params]
+        self.m = [torch.zeros_like(x) for x in self.master]
+        self.v = [torch.zeros_like(x) for x in self.master]
+        self.lr, self.betas, self.eps, self.wd, self.t = lr, betas, eps, weight_decay, 0
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.t += 1
+        b1, b2 = self.betas
+        bc1, bc2 = 1 - b1 ** self.t, math.sqrt(1 - b2 ** self.t)
+        for p, w, m, v in zip(self.params, self.master, self.m, self.v, strict=True):
+            if p.grad is None:
+                continue
+            g = p.grad.float()
+            p.grad = None  # the bf16 gradient is no longer needed
+            m.lerp_(g, 1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            w.mul_(1 - self.lr * self.wd).addcdiv_(m, (v.sqrt() / bc2).add_(self.eps), value=-self.lr / bc1)
+            p.copy_(w)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+
+def prepare_model(model: nn.Module, cfg: MemoryConfig, quant_backend: str | None = None) -> nn.Module:
+    """Apply ``cfg.method`` to a built model (full, lora, qlora with ``quant_backend`` peftlab or bnb)."""
+    quant_backend = quant_backend or cfg.quant_backend
+    from .lora import LoraConfig, apply_lora
+
+    if cfg.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    elif cfg.method in ("lora", "qlora"):
+        apply_lora(model, LoraConfig(r=cfg.r, lora_alpha=2 * cfg.r, target_modules=_lora_targets(model, cfg)))
+        if cfg.method == "qlora":
+            _quantize_frozen_linears(model, quant_backend)
+    else:
+        raise ValueError(f"measurement supports full, lora, qlora; {cfg.method!r} is analytic only")
+    if cfg.task == "classification":
+        head = model.classifier if hasattr(model, "classifier") else model.score
+        for p in head.parameters():
+            p.requires_grad_(True)
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def _quantize_frozen_linears(model: nn.Module, backend: str) -> None:
+    """Replace every frozen body ``nn.Linear`` (LoRA bases included) by a 4-bit layer; heads stay."""
+    from .inject import replace_modules
+
+    if backend == "peftlab":
+        from .quant import Linear4bit, QuantConfig
+
+        qc = QuantConfig(compute_dtype=next(model.parameters()).dtype)
+        make = lambda name, lin: Linear4bit.from_linear(lin, qc)  # noqa: E731
+    elif backend == "bnb":
+        import bitsandbytes as bnb
+
+        def make(name, lin):
+            layer = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                      compute_dtype=lin.weight.dtype, compress_statistics=True, quant_type="nf4",
+                                      device="meta")
+            layer.weight = bnb.nn.Params4bit(lin.weight.data.cpu(), requires_grad=False, quant_type="nf4",
+                                             compress_statistics=True).to(lin.weight.device)  # quantizes on .to
+            return layer
+    else:
+        raise ValueError(f"quant_backend must be 'peftlab' or 'bnb', got {backend!r}")
+    replace_modules(model, r".*", make, exclude=["lm_head", "classifier", "score"], what="layer to quantize")
+
+
+def train_steps(model: nn.Module, cfg: MemoryConfig, steps: int = 2, reset=None) -> None:
+    """Run ``steps`` training steps on random tokens; ``reset()`` is called after the first (peak bookkeeping)."""
+    device = next(model.parameters()).device
+    torch.manual_seed(0)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (cfg.batch, cfg.seq), device=device)
+    labels = ids if cfg.task == "causal_lm" else torch.zeros(cfg.batch, dtype=torch.long, device=device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = MasterAdamW(params) if cfg.dtype == "bf16" else torch.optim.AdamW(params, lr=1e-4, foreach=False)
+    extra = dict(use_cache=False) if cfg.task == "causal_lm" else {}  # a KV cache is for generation only
+    model.train()
+    for step in range(steps):
+        loss = model(input_ids=ids, labels=labels, **extra).loss
+        loss.backward()
+        del loss  # free the graph's last references before the step
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step == 0 and reset is not None:
+            reset()
+
+
+def _rss_kib(field_name: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field_name))
+
+
+def cpu_measure_child(cfg: dict, source: str = "config") -> dict:
+    """Run in a fresh process (via ``train.run_isolated``): peak RSS of training steps minus the baseline.
+
+    The baseline is this process's RSS after importing torch and transformers (interpreter + libraries),
+    so the figure holds weights, gradients, optimizer states, activations and allocator slack. Large
+    allocations are forced to mmap so freed memory leaves the RSS at once (glibc otherwise keeps it).
+    """
+    import ctypes
+    import gc
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD = 64 KiB, fixed (no dynamic growth)
+    torch.set_num_threads(1)
+    import transformers  # noqa: F401  (part of the baseline)
+
+    from .models import build_from_config, load_causal_lm, load_classifier
+
+    c = MemoryConfig(**cfg)
+    # A tiny model of the same family, trained one step, loads every module the real run needs (modeling
+    # code, autograd engine, kernels' scratch): all of that is library, part of the baseline.
+    tiny_name = "tiny-bert" if get_model_config(c.model).model_type == "bert" else "tiny-llama"
+    tiny_cfg = MemoryConfig(**{**cfg, "model": tiny_name, "batch": 1, "seq": 8})
+    tiny = build_from_config(tiny_name, task=c.task, num_labels=2)
+    train_steps(prepare_model(tiny, tiny_cfg), tiny_cfg, steps=1)
+    del tiny
+    gc.collect()
+    libc.malloc_trim(0)
+    baseline = _rss_kib("VmRSS")
+    if source == "pretrained" and c.model == "smollm2-135m":
+        model = load_causal_lm()[0]
+    elif source == "pretrained" and c.model == "minilm-l6":
+        model = load_classifier(num_labels=2)[0]
+    else:
+        model = build_from_config(get_model_config(c.model), task=c.task, num_labels=2)
+    prepare_model(model, c)
+    gc.collect()
+    libc.malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM): loading may have peaked higher
+        f.write("5")
+    loaded = _rss_kib("VmRSS")
+    train_steps(model, c, steps=2)
+    peak = _rss_kib("VmHWM")
+    return dict(peak_bytes=(peak - baseline) * 1024, loaded_bytes=(loaded - baseline) * 1024,
+                baseline_bytes=baseline * 1024)
+
+
+def measure_cpu(cfg: MemoryConfig, source: str = "config", timeout: float = 600) -> dict:
+    """Peak CPU memory (bytes above the interpreter + libraries) of two training steps, in a subprocess."""
+    from .train import run_isolated
+
+    return run_isolated("peftlab.memory:cpu_measure_child", timeout=timeout, cfg=asdict(cfg), source=source)
+
+
+def measure_gpu(cfg: MemoryConfig, quant_backend: str | None = None) -> dict:
+    """``torch.cuda.max_memory_allocated`` of the second training step of a model built on the GPU."""
+    from .models import build_from_config
+
+    dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    model = build_from_config(get_model_config(cfg.model), task=cfg.task, device="cuda", dtype=dtype, num_labels=2)
+    prepare_model(model, cfg, quant_backend)
+    torch.cuda.synchronize()
+    loaded = torch.cuda.memory_allocated() - base
+    train_steps(model, cfg, steps=2, reset=torch.cuda.reset_peak_memory_stats)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del model
+    torch.cuda.empty_cache()
+    return dict(peak_bytes=peak, loaded_bytes=loaded)
+
+
+# --- CLI ----------------------------------------------------------------------------------------------------------
+def format_table(e: Estimate, measured: dict | None = None) -> str:
+    rows = [("weights", e.weights), ("grads", e.grads), ("optimizer", e.optimizer),
+            ("activations", e.activations), ("total (peak)", e.total)]
+    if e.managed:
+        rows.append(("managed (paged, not in max_memory_allocated)", e.managed))
+    lines = [f"{'term':<46} {'GB':>10}"] + [f"{n:<46} {v / GB:>10.3f}" for n, v in rows]
+    lines.append(f"trainable {e.trainable:,} of {e.params:,} parameters ({100 * e.trainable / e.params:.3f} %)")
+    if measured:
+        m = measured["peak_bytes"]
+        lines.append(f"measured peak {m / GB:.3f} GB; predicted {e.total / GB:.3f} GB "
+                     f"({100 * (e.total - m) / m:+.1f} %)")
+    return "\n".join(lines)
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("memory", help="predict (and measure) the peak memory of one training step")
+    p.add_argument("--model", default="smollm2-135m", help=f"one of {config_names()} or a config.json path")
+    p.add_argument("--method", default="lora", help=f"one of {METHODS}")
+    p.add_argument("--r", type=int, default=8)
+    p.add_argument("--targets", default=None, help="comma-separated LoRA target modules")
+    p.add_argument("--dtype", default=None, help="fp32 or bf16 (default: bf16 on a GPU, fp32 on the CPU)")
+    p.add_argument("--optimizer", default="adamw", help=f"one of {OPTIMIZERS}")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--num-virtual-tokens", type=int, default=20)
+    p.add_argument("--quant-backend", default="bnb", help="QLoRA's 4-bit layer: bnb or peftlab")
+    p.add_argument("--measure", action="store_true", help="run two real training steps and compare")
+    p.add_argument("--json", default=None, help="write the estimate (and measurement) to this file")
+    p.set_defaults(func=run_cli)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    cuda = torch.cuda.is_available()
+    model = args.model
+    get_model_config(model)  # a clear error for an unknown name, before anything else
+    task = "classification" if get_model_config(model).model_type == "bert" else "causal_lm"
+    cfg = MemoryConfig(model=model, method=args.method, r=args.r, dtype=args.dtype or ("bf16" if cuda else "fp32"),
+                       target_modules=args.targets.split(",") if args.targets else None, optimizer=args.optimizer,
+                       batch=args.batch, seq=args.seq, grad_checkpointing=args.grad_checkpointing,
+                       num_virtual_tokens=args.num_virtual_tokens, task=task, quant_backend=args.quant_backend)
+    e = estimate(cfg)
+    measured = None
+    if args.measure:
+        measured = measure_gpu(cfg) if cuda else measure_cpu(cfg)
+        measured["device"] = torch.cuda.get_device_name() if cuda else "cpu (peak RSS above the baseline)"
+    print(format_table(e, measured))
+    out = dict(estimate=e.to_dict(), measured=measured)
+    path = args.json or f"memory_{model.replace('/', '_')}_{args.method}.json"
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1, default=str)
+    print(f"wrote {path}")
+    return 0

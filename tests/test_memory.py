@@ -1,0 +1,106 @@
+"""peftlab.memory: formulas against hand counts, saved tensors counted by autograd, a CPU measurement, the CLI."""
+
+import pytest
+import torch
+
+from peftlab.cli import main
+from peftlab.memory import GB, MemoryConfig, activation_bytes, count_params, estimate, measure_cpu, prepare_model
+from peftlab.models import build_from_config
+
+# tiny-llama: d=64, ff=128, 4 heads of 16, 2 KV heads (kv width 32), 2 layers, vocab 256, untied head.
+D, FF, KV, L, V = 64, 128, 32, 2, 256
+BODY_LINEAR = L * (D * D + KV * D + KV * D + D * D + 3 * FF * D)  # q, k, v, o, gate/up/down: 73,728
+
+
+@pytest.mark.parametrize("r", [1, 4, 8])
+def test_lora_count_by_hand(r):
+    # q: r (64 + 64), v: r (64 + 32), per layer
+    assert count_params(MemoryConfig(model="tiny-llama", method="lora", r=r))["trainable"] == L * r * (128 + 96)
+
+
+def test_full_bf16_is_16_bytes_per_param_and_fp32_adam_is_16_too():
+    for dtype in ("bf16", "fp32"):  # ZeRO: 2+2+4+4+4 (bf16) ; fp32: 4 weights + 4 grads + 8 moments
+        e = estimate(MemoryConfig(model="tiny-llama", method="full", dtype=dtype))
+        assert e.weights + e.grads + e.optimizer == 16 * e.params
+
+
+def test_qlora_weights_by_hand():
+    e = estimate(MemoryConfig(model="tiny-llama", method="qlora", r=4, dtype="bf16"))
+    assert BODY_LINEAR == 73728
+    nf4 = BODY_LINEAR * (0.5 + 1 / 64 + 4 / (64 * 256))  # codes + 8-bit absmax per 64 + fp32 per 256 absmax
+    rest = 2 * (e.params - BODY_LINEAR + L * 4 * (128 + 96))  # embeddings, norms, head, LoRA in bf16
+    assert e.weights == pytest.approx(nf4 + rest)
+
+
+def test_paged_optimizer_moves_moments_to_managed_memory():
+    plain = estimate(MemoryConfig(model="tiny-llama", method="lora", optimizer="adamw"))
+    paged = estimate(MemoryConfig(model="tiny-llama", method="lora", optimizer="paged_adamw"))
+    eight = estimate(MemoryConfig(model="tiny-llama", method="lora", optimizer="adamw8bit"))
+    assert plain.optimizer - paged.optimizer == paged.managed == 8 * plain.trainable
+    assert plain.optimizer - eight.optimizer == 6 * plain.trainable
+
+
+def test_llama_layer_formula_by_hand_fp32_full():
+    # Hand count, per token per layer, fp32: two RMSNorms (x, normed, output: 3 d + rsqrt), SDPA's q, k, v,
+    # output (d + 32 + 32 + d) and fp32 log-sum-exp per head, SwiGLU gate, silu, up, down input (4 ff).
+    hand = 4 * (2 * (3 * D + 1) + (2 * D + 2 * KV) + 4 + 4 * FF)
+    act = activation_bytes(MemoryConfig(model="tiny-llama", method="full", dtype="fp32", batch=1, seq=1))
+    assert act["per_token_layer"]["total"] == hand == 4376
+
+
+def saved_bytes(model, batch, seq):
+    """Bytes autograd keeps for backward (distinct storages, parameters excluded): an independent count."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    ids = torch.randint(0, V, (batch, seq))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids, use_cache=False)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_saved_activations_match_autograd(method, dtype):
+    cfg = MemoryConfig(model="tiny-llama", method=method, dtype=dtype, r=4, batch=2, seq=32)
+    model = build_from_config("tiny-llama", dtype=torch.float32 if dtype == "fp32" else torch.bfloat16)
+    prepare_model(model, cfg).train()
+    predicted = activation_bytes(cfg)["saved"]
+    # Small terms left out of the model (ids, labels, RoPE tables, the first layer's norm input under LoRA).
+    assert predicted == pytest.approx(saved_bytes(model, 2, 32), rel=0.06)
+
+
+@pytest.mark.slow
+def test_cpu_measurement_within_10_percent():
+    cfg = MemoryConfig(model="smollm2-135m", method="lora", dtype="fp32", batch=2, seq=128)
+    measured = measure_cpu(cfg)["peak_bytes"]
+    assert estimate(cfg).total == pytest.approx(measured, rel=0.10), (estimate(cfg).total / GB, measured / GB)
+
+
+def test_cli_bad_model_lists_choices(capsys):
+    assert main(["memory", "--model", "llama-9000b"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'llama-9000b'" in err and "llama-65b" in err and "smollm2-135m" in err
+
+
+def test_cli_bad_method_lists_choices(capsys):
+    assert main(["memory", "--model", "tiny-llama", "--method", "dora"]) == 2
+    err = capsys.readouterr().err
+    assert "method must be one of" in err and "'qlora'" in err and "'dora'" in err
+
+
+def test_cli_prints_table_and_writes_json(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "m.json"
+    assert main(["memory", "--model", "llama-65b", "--method", "qlora", "--batch", "1", "--seq", "512",
+                 "--grad-checkpointing", "--dtype", "bf16", "--json", str(out)]) == 0
+    assert "total (peak)" in capsys.readouterr().out
+    total = json.loads(out.read_text())["estimate"]["total"]
+    assert 24 * GB < total < 48 * GB  # the QLoRA paper's < 48 GB, and not the notes' 24 GB card
