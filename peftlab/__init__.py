@@ -1,5 +1,10 @@
 """peftlab: parameter-efficient fine-tuning (LoRA, adapters, prefix/prompt tuning, QLoRA) from scratch."""
 
+from . import adapters
+from .adapters import AdapterConfig, BottleneckAdapter, apply_adapters, disable_adapters, multitask_demo
+from .bitfit import apply_bitfit
+from .export import export_onnx, merged_copy, run_onnx
+from .ia3 import IA3Config, IA3Linear, apply_ia3, load_ia3, save_ia3
 from .inject import count_parameters, format_trainable
 from .lora import (
     LoraConfig,
@@ -26,4 +31,7 @@ __all__ = [
     "PrefixConfig", "PrefixTuningModel", "load_prefix", "save_prefix", "PromptTuningConfig", "PromptTuningModel",
     "load_prompt", "save_prompt", "PTuningConfig", "PromptEncoder", "apply_ptuning",
     "Linear4bit", "QuantConfig", "dequantize_nf4", "nf4_codebook", "quantize_model", "quantize_nf4",
+    "adapters", "AdapterConfig", "BottleneckAdapter", "apply_adapters", "disable_adapters", "multitask_demo",
+    "apply_bitfit", "export_onnx", "merged_copy", "run_onnx", "IA3Config", "IA3Linear", "apply_ia3", "load_ia3",
+    "save_ia3",
 ]

@@ -1,0 +1,381 @@
+"""Bottleneck adapters: a small residual MLP ``h + W_up f(W_down h)`` inserted into every frozen layer.
+
+Each adapter maps the d-wide hidden state down to m numbers, applies a non-linearity and maps back
+up; ``W_up`` starts at zero, so an untrained adapter is the identity and the model is unchanged at
+step 0. It has ``2 d m + d + m`` parameters (two weights and two biases), ``+ 2 d`` with the
+optional LayerNorm on its input. ``m = d // reduction_factor`` unless given.
+
+**Where the adapters sit.** Houlsby et al. (2019), Figure 2 (left): twice per layer, "after the
+projection following multi-headed attention and after the two feed-forward layers", each *before*
+the sublayer's skip connection (and, in post-LN BERT, before its Add & LayerNorm). peftlab gets
+exactly that by wrapping the sublayer's last linear layer, so the adapter sees its output:
+
+- BERT (MiniLM): ``attention.output.dense`` (inside ``BertSelfOutput``) and ``output.dense`` (inside
+  ``BertOutput``); both then go through dropout, ``+ residual`` and LayerNorm as before.
+- Llama (SmolLM2): ``self_attn.o_proj`` and ``mlp.down_proj``; the decoder layer adds the residual after.
+- GPT-2: ``attn.c_proj`` and ``mlp.c_proj``.
+
+Pfeiffer et al. (2021, AdapterFusion) keep one adapter per layer, after the feed-forward block, with
+ReLU (the architecture their search preferred; AdapterHub's ``pfeiffer`` / ``SeqBnConfig``): here it
+sits at the second Houlsby site. AdapterHub's config also feeds the adapter through the sublayer's own
+Add & LayerNorm first (``original_ln_before=True``); peftlab does not, so both placements share one
+site definition. Both are the identity at initialisation; trained, they are not interchangeable.
+Houlsby et al. also train the layers' LayerNorms; here only adapters (and task heads) train.
+
+**Several tasks, one frozen model.** Every wrapped site keeps its adapters in one small container
+(:class:`AdapterLayer`) and runs the active one. ``set_adapter`` switches task, ``disable_adapters``
+runs the bare model, and ``save_adapter`` writes one task's adapter (and head) alone: a few hundred
+KB next to a 90 MB base model (:func:`multitask_demo`).
+
+References:
+    - Houlsby et al., "Parameter-Efficient Transfer Learning for NLP", arXiv:1902.00751.
+    - Pfeiffer et al., "AdapterFusion: Non-Destructive Task Composition for Transfer Learning",
+      arXiv:2005.00247.
+    - Pfeiffer et al., "AdapterHub: A Framework for Adapting Transformers", arXiv:2007.07779.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .inject import Targets, freeze, replace_modules
+
+# (attention-output site, feed-forward-output site) per model_type, as regexes over module names.
+SITES: dict[str, tuple[str, str]] = {
+    "bert": (r".*\.layer\.\d+\.attention\.output\.dense", r".*\.layer\.\d+\.output\.dense"),
+    "llama": (r".*\.layers\.\d+\.self_attn\.o_proj", r".*\.layers\.\d+\.mlp\.down_proj"),
+    "gpt2": (r".*\.h\.\d+\.attn\.c_proj", r".*\.h\.\d+\.mlp\.c_proj"),
+}
+PLACEMENTS = {"houlsby": (0, 1), "pfeiffer": (1,)}  # which of the two sites each placement uses
+DEFAULT_NON_LINEARITY = {"houlsby": "swish", "pfeiffer": "relu"}  # AdapterHub's defaults
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "swish": nn.SiLU, "silu": nn.SiLU, "tanh": nn.Tanh}
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+PEFT_TYPE = "BOTTLENECK_ADAPTER"
+
+
+@dataclass
+class AdapterConfig:
+    """Bottleneck-adapter hyper-parameters (AdapterHub's names where they exist).
+
+    >>> AdapterConfig(placement="pfeiffer").non_linearity
+    'relu'
+    >>> AdapterConfig(placement="parallel")
+    Traceback (most recent call last):
+    ...
+    ValueError: placement must be one of ['houlsby', 'pfeiffer'], got 'parallel'
+    """
+
+    placement: str = "houlsby"  # "houlsby": 2 adapters per layer; "pfeiffer": 1
+    reduction_factor: int = 16  # m = d // reduction_factor ...
+    bottleneck_size: int | None = None  # ... unless m is given here
+    non_linearity: str | None = None  # None: "swish" for Houlsby, "relu" for Pfeiffer
+    layer_norm: bool = False  # a LayerNorm on the adapter's input (adds 2 d parameters)
+    num_labels: int | None = None  # a task head of its own (sequence classifiers); None: keep the model's
+    target_modules: Targets | None = None  # override the sites (names or a regex); None: from the placement
+
+    def __post_init__(self):
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {sorted(PLACEMENTS)}, got {self.placement!r}")
+        for name in ("reduction_factor", "bottleneck_size", "num_labels"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.non_linearity = self.non_linearity or DEFAULT_NON_LINEARITY[self.placement]
+        if self.non_linearity not in ACTIVATIONS:
+            raise ValueError(f"non_linearity must be one of {sorted(ACTIVATIONS)}, got {self.non_linearity!r}")
+
+    def size(self, d: int) -> int:
+        """The bottleneck width m for hidden size d."""
+        return self.bottleneck_size or max(1, d // self.reduction_factor)
+
+
+def adapter_num_parameters(d: int, m: int, layer_norm: bool = False) -> int:
+    """Closed form for one adapter: ``W_down`` (m x d) + ``b_down`` (m) + ``W_up`` (d x m) + ``b_up`` (d).
+
+    >>> adapter_num_parameters(384, 24)  # MiniLM, reduction factor 16
+    18840
+    """
+    return 2 * d * m + d + m + (2 * d if layer_norm else 0)
+
+
+class BottleneckAdapter(nn.Module):
+    """``h + up(f(down(LN(h))))`` with ``up`` zero: the identity until it trains.
+
+    >>> adapter = BottleneckAdapter(16, 4)
+    >>> h = torch.randn(2, 3, 16)
+    >>> torch.equal(adapter(h), h)
+    True
+    """
+
+    def __init__(self, d: int, m: int, non_linearity: str = "relu", layer_norm: bool = False):
+        super().__init__()
+        self.layer_norm = nn.LayerNorm(d) if layer_norm else nn.Identity()
+        self.down = nn.Linear(d, m)  # default (Kaiming-uniform) init: the gradient reaches up at once
+        self.act = ACTIVATIONS[non_linearity]()
+        self.up = nn.Linear(m, d)
+        nn.init.zeros_(self.up.weight)  # up starts at zero, so the model is unchanged at step 0
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.up(self.act(self.down(self.layer_norm(h))))  # (B, T, d) -> (B, T, m) -> (B, T, d)
+
+
+class AdapterLayer(nn.Module):
+    """A frozen sublayer's last linear layer, followed by the active one of its named adapters."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+        self.adapters = nn.ModuleDict()  # the small container: task name -> BottleneckAdapter
+        self.active: str | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.base(x)
+        return self.adapters[self.active](h) if self.active in self.adapters else h
+
+
+class TaskHeads(nn.Module):
+    """A classifier head per adapter (tasks differ in their labels); the original head stays frozen."""
+
+    def __init__(self, original: nn.Linear):
+        super().__init__()
+        self.original = original
+        self.heads = nn.ModuleDict()
+        self.active: str | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.heads[self.active](x) if self.active in self.heads else self.original(x)
+
+
+# --- model-level functions -------------------------------------------------------------------
+def _sites(model: nn.Module, config: AdapterConfig) -> Targets:
+    if config.target_modules is not None:
+        return config.target_modules
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in SITES:
+        raise ValueError(f"no adapter sites known for model_type {model_type!r} (known: {sorted(SITES)}); "
+                         f"pass target_modules=[...] naming each sublayer's last linear layer")
+    return "|".join(f"(?:{SITES[model_type][i]})" for i in PLACEMENTS[config.placement])
+
+
+def _out_features(module: nn.Module) -> int:
+    base = module.base if isinstance(module, AdapterLayer) else module
+    return base.nf if isinstance(base, Conv1D) else base.out_features
+
+
+def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
+
+
+def apply_adapters(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> nn.Module:
+    """Freeze ``model`` and add a bottleneck adapter named ``adapter_name`` at every site (in place).
+
+    Call again with another name to add a second task's adapters; the newest becomes active.
+
+    >>> from peftlab.models import build_from_config
+    >>> m = apply_adapters(build_from_config("tiny-llama"), AdapterConfig(reduction_factor=16))
+    >>> from peftlab.inject import count_parameters
+    >>> count_parameters(m)[0] == 2 * 2 * adapter_num_parameters(64, 4)  # 2 layers x 2 sites
+    True
+    """
+    registry = model.__dict__.setdefault("adapters_config", {})
+    if adapter_name in registry:
+        raise ValueError(f"adapter {adapter_name!r} is already on this model; pick another name")
+    if not registry:
+        freeze(model)
+
+    def add(name: str, module: nn.Module) -> nn.Module:
+        layer = module if isinstance(module, AdapterLayer) else AdapterLayer(module)
+        d = _out_features(module)
+        w = next(layer.base.parameters())
+        layer.adapters[adapter_name] = BottleneckAdapter(d, config.size(d), config.non_linearity,
+                                                         config.layer_norm).to(w.device)
+        return layer
+
+    # ".base" is excluded so a regex cannot reach the linear layer inside an existing wrapper.
+    replace_modules(model, _sites(model, config), add, types=(nn.Linear, Conv1D, AdapterLayer), exclude=["base"],
+                    what="layer (adapters wrap a sublayer's last nn.Linear or Conv1D)")
+    if config.num_labels is not None:
+        _add_head(model, adapter_name, config.num_labels)
+    registry[adapter_name] = config
+    set_adapter(model, adapter_name)
+    return model
+
+
+def _add_head(model: nn.Module, adapter_name: str, num_labels: int) -> None:
+    head = getattr(model, "classifier", None)
+    if not isinstance(head, (nn.Linear, TaskHeads)):
+        raise ValueError(f"num_labels needs a sequence classifier with a Linear 'classifier' head; "
+                         f"{type(model).__name__} has none")
+    if isinstance(head, nn.Linear):
+        head = model.classifier = TaskHeads(head)
+    original = head.original
+    new = nn.Linear(original.in_features, num_labels).to(original.weight.device)
+    if num_labels == original.out_features:  # same labels: start from the model's head (identity at step 0)
+        new.load_state_dict(original.state_dict())
+    else:  # a fresh head, initialised as transformers initialises BERT's
+        nn.init.normal_(new.weight, std=getattr(model.config, "initializer_range", 0.02))
+        nn.init.zeros_(new.bias)
+    head.heads[adapter_name] = new
+
+
+def set_adapter(model: nn.Module, name: str) -> None:
+    """Run (and train) adapter ``name`` and its head; the other adapters stay in memory, frozen."""
+    registry = getattr(model, "adapters_config", {})
+    if name not in registry:
+        raise ValueError(f"unknown adapter {name!r}; this model has {sorted(registry)}")
+    for _, layer in adapter_layers(model):
+        layer.active = name
+    for pname, p in model.named_parameters():
+        if ".adapters." in pname or ".heads." in pname:
+            p.requires_grad_(f".adapters.{name}." in pname or f"heads.{name}." in pname)
+    head = getattr(model, "classifier", None)
+    if isinstance(head, TaskHeads):
+        head.active = name if name in head.heads else None
+        # The HF loss reads num_labels: keep it equal to the width of the head now in use.
+        num_labels = (head.heads[name] if name in head.heads else head.original).out_features
+        model.num_labels = model.config.num_labels = num_labels
+    model.active_adapter = name
+
+
+@contextmanager
+def disable_adapters(model: nn.Module):
+    """Run the bare frozen model inside a ``with`` block (its original head too).
+
+    >>> from peftlab.models import build_from_config
+    >>> m = apply_adapters(build_from_config("tiny-llama"), AdapterConfig(placement="pfeiffer"))
+    >>> with disable_adapters(m):
+    ...     m.model.layers[0].mlp.down_proj.active is None
+    True
+    """
+    active = getattr(model, "active_adapter", None)
+    layers = adapter_layers(model)
+    head = getattr(model, "classifier", None)
+    for _, layer in layers:
+        layer.active = None
+    if isinstance(head, TaskHeads):
+        head.active = None
+        model.num_labels = model.config.num_labels = head.original.out_features
+    try:
+        yield model
+    finally:
+        if active is not None:
+            set_adapter(model, active)
+
+
+# --- files: one adapter alone -----------------------------------------------------------------
+def adapter_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The tensors one adapter owns: its bottlenecks at every site and its head, if it has one."""
+    out = {}
+    for name, layer in adapter_layers(model):
+        if adapter_name in layer.adapters:
+            for pname, p in layer.adapters[adapter_name].named_parameters():
+                out[f"{name}.{pname}"] = p
+    head = getattr(model, "classifier", None)
+    if isinstance(head, TaskHeads) and adapter_name in head.heads:
+        for pname, p in head.heads[adapter_name].named_parameters():
+            out[f"classifier.{pname}"] = p
+    return out
+
+
+def _signature(model: nn.Module) -> dict:
+    """What a saved adapter must agree with: the architecture it was trained on."""
+    c = model.config
+    return {"model_type": c.model_type, "hidden_size": getattr(c, "hidden_size", None) or getattr(c, "n_embd", None),
+            "num_hidden_layers": getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer", None)}
+
+
+def save_adapter(model: nn.Module, path, adapter_name: str = "default") -> int:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` for one adapter; return bytes written."""
+    from safetensors.torch import save_file
+
+    registry = getattr(model, "adapters_config", {})
+    if adapter_name not in registry:
+        raise ValueError(f"no adapter named {adapter_name!r}; this model has {sorted(registry)}")
+    os.makedirs(path, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model, adapter_name).items()}
+    save_file(tensors, os.path.join(path, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    meta = {"peft_type": PEFT_TYPE, **asdict(registry[adapter_name]), "base_model": _signature(model)}
+    with open(os.path.join(path, ADAPTER_CONFIG), "w") as f:
+        json.dump(meta, f, indent=2, sort_keys=True)
+    return sum(os.path.getsize(os.path.join(path, f)) for f in (ADAPTER_WEIGHTS, ADAPTER_CONFIG))
+
+
+def load_adapter(model: nn.Module, path, adapter_name: str = "default") -> nn.Module:
+    """Add the adapter saved at ``path`` to ``model`` under ``adapter_name`` (and make it active).
+
+    Raises ``ValueError`` when the file was made for another architecture or lacks tensors.
+    """
+    from safetensors.torch import load_file
+
+    file = os.path.join(path, ADAPTER_CONFIG)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{file} does not exist: is {path!r} an adapter directory?")
+    with open(file) as f:
+        meta = json.load(f)
+    if meta.pop("peft_type", None) != PEFT_TYPE:
+        raise ValueError(f"{path} does not hold a bottleneck adapter (peft_type must be {PEFT_TYPE!r})")
+    made_for, here = meta.pop("base_model"), _signature(model)
+    if made_for != here:
+        raise ValueError(f"adapter at {path} was made for another model: {made_for}, this model is {here}")
+    apply_adapters(model, AdapterConfig(**meta), adapter_name)
+    mine, tensors = adapter_state_dict(model, adapter_name), load_file(os.path.join(path, ADAPTER_WEIGHTS))
+    if set(mine) != set(tensors):
+        raise ValueError(f"adapter at {path} does not fit this model: missing {sorted(set(mine) - set(tensors))[:2]}, "
+                         f"unexpected {sorted(set(tensors) - set(mine))[:2]}")
+    with torch.no_grad():
+        for key, value in tensors.items():
+            if value.shape != mine[key].shape:
+                raise ValueError(f"adapter at {path} does not fit this model: {key} is {tuple(value.shape)}, "
+                                 f"this model needs {tuple(mine[key].shape)}")
+            mine[key].copy_(value)
+    return model
+
+
+# --- demo: one frozen base model, two tasks ----------------------------------------------------
+def multitask_demo(steps: int = 60, limit: int = 600, batch_size: int = 16, out_dir=None,
+                   progress: bool = True) -> dict:
+    """Train a Houlsby adapter for tweet sentiment and one for BBC topics on ONE frozen MiniLM.
+
+    Saves each adapter alone, reloads both into a fresh base model and checks that its accuracy
+    per task equals the trained model's. Returns sizes and accuracies per task.
+
+    Usage (about a minute on a CPU; ``tests/test_adapters.py`` runs it)::
+
+        result = multitask_demo(steps=10, limit=60)
+    """
+    import tempfile
+    from pathlib import Path
+
+    from .data import load_bbc_news, load_tweets, tokenize
+    from .models import load_classifier, minilm_path
+    from .train import evaluate, make_loader, train
+
+    tasks = {"sentiment": (load_tweets, 64), "topic": (load_bbc_news, 128)}  # news needs a longer window
+    model, tokenizer = load_classifier(num_labels=3)
+    loaders, out = {}, {"base_model_bytes": (minilm_path() / "model.safetensors").stat().st_size}
+    for name, (load, max_length) in tasks.items():
+        data = load(limit=limit)
+        num_labels = data["train"].features["label"].num_classes
+        loaders[name] = make_loader(tokenize(data["validation"], tokenizer, max_length), tokenizer, 64, False)
+        apply_adapters(model, AdapterConfig(placement="houlsby", num_labels=num_labels), adapter_name=name)
+        result = train(model, make_loader(tokenize(data["train"], tokenizer, max_length), tokenizer, batch_size,
+                                          True), loaders[name], steps=steps, lr=1e-3, desc=name, progress=progress)
+        out[name] = {"num_labels": num_labels, "accuracy": result.accuracy, "trainable": result.trainable}
+    with tempfile.TemporaryDirectory() as tmp:
+        out_dir = Path(out_dir or tmp)
+        fresh, _ = load_classifier(num_labels=3)
+        for name in tasks:
+            out[name]["file_bytes"] = save_adapter(model, out_dir / name, name)
+            load_adapter(fresh, out_dir / name, name)
+        for name in tasks:  # the same base model serves either task by switching the adapter
+            set_adapter(fresh, name)
+            out[name]["accuracy_reloaded"] = evaluate(fresh, loaders[name])
+    return out
