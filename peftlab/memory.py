@@ -73,6 +73,9 @@ MEMORY_CONFIGS: dict[str, dict] = {
 }
 
 METHODS = ("full", "lora", "qlora", "houlsby", "pfeiffer", "prefix", "prompt")
+# QLoRA's 4-bit layer. "peftlab-legacy" is peftlab's Linear4bit before MatMul4bit (it kept each dequantized
+# weight for backward): analytic only, to read the GPU rows measured with it (benchmarks/results/gpu_memory.json).
+QUANT_BACKENDS = ("bnb", "peftlab", "peftlab-legacy")
 DTYPES = ("fp32", "bf16")  # fp32: everything fp32; bf16: bf16 weights/activations, fp32 master + moments
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
@@ -123,13 +126,13 @@ class MemoryConfig:
     reduction_factor: int = 16  # bottleneck adapters: m = d / reduction_factor
     num_virtual_tokens: int = 20  # prefix and prompt tuning
     task: str = "causal_lm"  # or "classification" (BERT-style encoders)
-    quant_backend: str = "bnb"  # QLoRA's 4-bit layer: bitsandbytes, or peftlab.quant.Linear4bit
+    quant_backend: str = "bnb"  # QLoRA's 4-bit layer: bitsandbytes or peftlab.quant.Linear4bit (QUANT_BACKENDS)
 
     def __post_init__(self):
         for name, value, allowed in (("method", self.method, METHODS), ("dtype", self.dtype, DTYPES),
                                      ("optimizer", self.optimizer, OPTIMIZERS),
                                      ("task", self.task, ("causal_lm", "classification")),
-                                     ("quant_backend", self.quant_backend, ("bnb", "peftlab"))):
+                                     ("quant_backend", self.quant_backend, QUANT_BACKENDS)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         for name in ("r", "batch", "seq", "reduction_factor", "num_virtual_tokens"):
@@ -350,15 +353,16 @@ def estimate(cfg: MemoryConfig) -> Estimate:
     step_scratch = (8 if cfg.dtype == "bf16" else 4) * counts["max_param"]
     # First gradient to appear in backward: the head's (the LM head / tied embedding is the largest matrix).
     head_grad = w * counts["head"] if cfg.method == "full" else 0
-    # QLoRA dequantizes one weight at a time (bitsandbytes): a transient bf16 copy of the largest linear.
+    # QLoRA dequantizes one weight at a time, in forward and again in backward (bitsandbytes' MatMul4Bit and
+    # peftlab's MatMul4bit alike): a transient bf16 copy of the largest linear.
     dequant = 0
     if cfg.method == "qlora":
         arch = get_model_config(cfg.model)
         dequant = 2 * arch.hidden_size * arch.intermediate_size
-        if cfg.quant_backend == "peftlab":
-            # Found by measurement: peftlab's Linear4bit calls F.linear(x, dequantized_w), and autograd keeps
-            # that bf16 weight for the input gradient: 2 B per quantized param stay alive until backward
-            # (one layer's worth under checkpointing). bitsandbytes' MatMul4Bit dequantizes again in backward.
+        if cfg.quant_backend == "peftlab-legacy":
+            # Found by measurement (the committed GPU rows): peftlab's Linear4bit used to call
+            # F.linear(x, dequantized_w), and autograd kept that bf16 weight for the input gradient: 2 B per
+            # quantized param alive until backward (one layer's worth under checkpointing). MatMul4bit fixed it.
             held = quantized if not cfg.grad_checkpointing else quantized / arch.num_hidden_layers
             dequant += 2 * held
     total = weights + optimizer + max(act["peak"] + head_grad + dequant, grads + step_scratch)
@@ -445,8 +449,8 @@ def _quantize_frozen_linears(model: nn.Module, backend: str) -> None:
             layer.weight = bnb.nn.Params4bit(lin.weight.data.cpu(), requires_grad=False, quant_type="nf4",
                                              compress_statistics=True).to(lin.weight.device)  # quantizes on .to
             return layer
-    else:
-        raise ValueError(f"quant_backend must be 'peftlab' or 'bnb', got {backend!r}")
+    else:  # "peftlab-legacy" no longer exists as code: it only predicts old measurements
+        raise ValueError(f"quant_backend must be 'peftlab' or 'bnb' to measure, got {backend!r}")
     replace_modules(model, r".*", make, exclude=["lm_head", "classifier", "score"], what="layer to quantize")
 
 
@@ -576,7 +580,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--num-virtual-tokens", type=int, default=20)
-    p.add_argument("--quant-backend", default="bnb", help="QLoRA's 4-bit layer: bnb or peftlab")
+    p.add_argument("--quant-backend", default="bnb", help=f"QLoRA's 4-bit layer: one of {QUANT_BACKENDS}")
     p.add_argument("--measure", action="store_true", help="run two real training steps and compare")
     p.add_argument("--json", default=None, help="write the estimate (and measurement) to this file")
     p.set_defaults(func=run_cli)

@@ -23,6 +23,11 @@ SIZES = ["smollm2-135m", "smollm2-360m", "llama-3.2-1b", "llama-3.2-3b", "llama-
 METHODS = ["full", "lora", "qlora", "houlsby", "pfeiffer", "prefix", "prompt"]
 BATCH, SEQ = 4, 512  # the GPU runs' setting
 GPU_RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "gpu_memory.json"
+# benchmarks/gpu_memory.py writes this key since Linear4bit dequantizes again in backward (MatMul4bit). Runs
+# without it measured the old Linear4bit, which kept each dequantized weight for backward: their qlora-peftlab
+# rows are predicted with that term (quant_backend="peftlab-legacy") and labelled as such.
+LINEAR4BIT_KEY = "linear4bit"
+LEGACY_LABEL = "qlora-peftlab (old Linear4bit)"
 CPU_RUNS = [  # (model, task, method, batch, seq): the offline models, pretrained weights, fp32
     ("smollm2-135m", "causal_lm", "full", 4, 128), ("smollm2-135m", "causal_lm", "lora", 4, 128),
     ("minilm-l6", "classification", "full", 8, 128), ("minilm-l6", "classification", "lora", 8, 128),
@@ -40,10 +45,13 @@ def gpu_rows(path: Path = GPU_RESULTS) -> list[dict]:
             if "measured" not in r:
                 continue
             method, backend = (r["method"].split("-") + ["bnb"])[:2]
+            label = r["method"]
+            if backend == "peftlab" and LINEAR4BIT_KEY not in run:  # measured before MatMul4bit
+                backend, label = "peftlab-legacy", LEGACY_LABEL
             e = estimate(MemoryConfig(model=r["model"], method=method, dtype="bf16", batch=run["batch"],
                                       seq=run["seq"], grad_checkpointing=r["grad_checkpointing"],
                                       quant_backend=backend))
-            rows.append(dict(model=r["model"], method=r["method"], grad_checkpointing=r["grad_checkpointing"],
+            rows.append(dict(model=r["model"], method=label, grad_checkpointing=r["grad_checkpointing"],
                              device=run["device"], predicted_gb=e.total / GB, measured_gb=r["measured"] / GB,
                              error_pct=100 * (e.total - r["measured"]) / r["measured"]))
     return rows
@@ -146,9 +154,12 @@ def write_report(out_dir: str | Path = "reports", refresh_cpu: bool = False) -> 
            "(paged optimizers), so `nvidia-smi` shows more.",
            "- CPU: peak RSS (VmHWM, reset after loading) minus the RSS of the same process after importing the "
            "libraries and training a tiny model of the same family: weights, grads, states, activations, malloc slack.",
-           "- Found by measurement: peftlab's `Linear4bit` keeps each dequantized bf16 weight for backward (autograd "
-           "saves `F.linear`'s weight argument), +2 B per quantized parameter without checkpointing; bitsandbytes "
-           "dequantizes again in backward. The model has that term (`quant_backend='peftlab'`).",
+           f"- Found by measurement: peftlab's old `Linear4bit` kept each dequantized bf16 weight for backward "
+           f"(autograd saves `F.linear`'s weight argument), +2 B per quantized parameter without checkpointing. "
+           f"The rows `{LEGACY_LABEL}` were measured with it and are predicted with that term "
+           f"(`quant_backend='peftlab-legacy'`). `Linear4bit` now dequantizes again in backward (`MatMul4bit`), "
+           f"as bitsandbytes' `MatMul4Bit` does, and is predicted like bitsandbytes (rows `qlora-peftlab`, measured "
+           f"after the change).",
            "", "## Claims", ""] + claims()
     (out / "memory_comparison.md").write_text("\n".join(md) + "\n")
 

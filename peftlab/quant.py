@@ -401,8 +401,46 @@ class QuantConfig:
             raise ValueError(f"compute_dtype must be one of {FLOAT_DTYPES}, got {self.compute_dtype!r}")
 
 
+class MatMul4bit(torch.autograd.Function):
+    """``F.linear(x, W, bias)`` for a frozen 4-bit ``W`` that autograd never keeps dense (bitsandbytes' MatMul4Bit).
+
+    ``F.linear(x, dequantized_w)`` would make autograd save the (out, in) dense weight for the input
+    gradient: 2 B per quantized parameter in bf16, alive from forward to backward for every layer at
+    once. Here forward dequantizes, multiplies and lets the dense weight go; backward dequantizes
+    again for ``grad_x = grad_out @ W``. ``W`` is frozen, so there is no weight gradient and ``x``
+    need not be kept either: autograd saves only the packed uint8 weight, which the layer holds anyway.
+    The price is one more dequantization per layer and backward.
+
+    >>> layer = Linear4bit.from_linear(nn.Linear(64, 32), QuantConfig(compute_dtype=torch.float32))
+    >>> saved = []
+    >>> with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+    ...     y = layer(torch.randn(2, 64, requires_grad=True))
+    >>> [(t.dtype, tuple(t.shape)) for t in saved]  # the packed weight (32 x 64 / 2 bytes), no dense (32, 64)
+    [(torch.uint8, (1024, 1))]
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, state: QuantState,
+                compute_dtype: torch.dtype) -> torch.Tensor:
+        ctx.state, ctx.compute_dtype = state, compute_dtype
+        ctx.save_for_backward(packed)
+        w = dequantize_4bit(packed, state).to(compute_dtype)  # (out, in): freed when forward returns
+        return F.linear(x, w, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (packed,) = ctx.saved_tensors
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            w = dequantize_4bit(packed, ctx.state).to(ctx.compute_dtype)  # the same W as in forward
+            grad_x = grad_out @ w  # (..., out) @ (out, in) -> (..., in)
+        if ctx.needs_input_grad[2]:  # a bias someone unfroze (BitFit on a 4-bit model)
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)  # (out,)
+        return grad_x, None, grad_bias, None, None
+
+
 class Linear4bit(nn.Module):
-    """A frozen linear layer stored in 4 bits, dequantized to ``compute_dtype`` at every forward.
+    """A frozen linear layer stored in 4 bits, dequantized to ``compute_dtype`` at every forward (and backward).
 
     ``weight`` is the packed uint8 buffer; the state tensors are buffers too, so ``state_dict``
     saves them and no optimizer ever sees them. Gradients flow to the input (QLoRA backpropagates
@@ -462,9 +500,9 @@ class Linear4bit(nn.Module):
         return dequantize_4bit(self.weight, self.state)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantize().to(self.compute_dtype)  # a fresh tensor: no graph back to the 4-bit weight
+        # MatMul4bit, not F.linear on self.dequantize(): autograd would keep that dense weight until backward.
         bias = self.bias.to(self.compute_dtype) if self.bias is not None else None
-        return F.linear(x.to(self.compute_dtype), w, bias).to(x.dtype)
+        return MatMul4bit.apply(x.to(self.compute_dtype), self.weight, bias, self.state, self.compute_dtype).to(x.dtype)
 
     def merge_delta(self, delta: torch.Tensor) -> torch.Tensor:
         """Add ``delta`` (out, in) into the 4-bit weight: dequantize, add, requantize (in place).

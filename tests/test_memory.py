@@ -104,3 +104,30 @@ def test_cli_prints_table_and_writes_json(tmp_path, capsys):
     assert "total (peak)" in capsys.readouterr().out
     total = json.loads(out.read_text())["estimate"]["total"]
     assert 24 * GB < total < 48 * GB  # the QLoRA paper's < 48 GB, and not the notes' 24 GB card
+
+
+def test_peftlab_linear4bit_is_predicted_like_bitsandbytes_and_old_gpu_rows_keep_their_term(tmp_path):
+    import json
+
+    from peftlab.memory_report import LEGACY_LABEL, LINEAR4BIT_KEY, gpu_rows
+
+    def est(backend, gc=False):
+        return estimate(MemoryConfig(model="tiny-llama", method="qlora", r=4, dtype="bf16", quant_backend=backend,
+                                     grad_checkpointing=gc))
+
+    for gc in (False, True):  # Linear4bit now dequantizes again in backward, as bitsandbytes does
+        assert est("peftlab", gc).total == est("bnb", gc).total
+    # The old Linear4bit kept every body linear's dequantized bf16 weight (one layer's under checkpointing).
+    assert est("peftlab-legacy").detail["dequant"] - est("bnb").detail["dequant"] == 2 * BODY_LINEAR
+    assert est("peftlab-legacy", True).detail["dequant"] - est("bnb", True).detail["dequant"] == 2 * BODY_LINEAR / L
+    with pytest.raises(ValueError, match="'peftlab' or 'bnb' to measure"):
+        prepare_model(build_from_config("tiny-llama"), MemoryConfig(model="tiny-llama", method="qlora",
+                                                                    quant_backend="peftlab-legacy"))
+    # Runs written before the change (no LINEAR4BIT_KEY) are labelled and predicted with the old term.
+    row = dict(model="tiny-llama", method="qlora-peftlab", grad_checkpointing=False, measured=10**6)
+    run = dict(device="test", batch=8, seq=512, rows=[row])
+    path = tmp_path / "gpu.json"
+    path.write_text(json.dumps({"runs": [run, dict(run, **{LINEAR4BIT_KEY: "MatMul4bit"})]}))
+    old, new = gpu_rows(path)
+    assert (old["method"], new["method"]) == (LEGACY_LABEL, "qlora-peftlab")
+    assert (old["predicted_gb"] - new["predicted_gb"]) * GB == pytest.approx(2 * BODY_LINEAR)

@@ -372,3 +372,34 @@ def test_merge_delta_into_4bit_base():
     ref_packed, ref = bnb_nf4(old + delta, 64, True)
     assert torch.equal(layer.weight, ref_packed) and torch.equal(layer.absmax, ref.absmax)
     assert err.abs().max() <= 0.5 * (old + delta).abs().max()  # at most half the widest NF4 gap
+
+
+def test_linear4bit_autograd_keeps_no_dense_weight():
+    """F.linear on the dequantized weight makes autograd keep that (out, in) weight until backward (+2 B per
+    parameter in bf16); Linear4bit, like bitsandbytes' MatMul4Bit, keeps only its own packed buffer."""
+    def saved_by(fn):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = fn()
+        return out, saved
+
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 128)
+    layer = Q.Linear4bit.from_linear(lin, Q.QuantConfig(compute_dtype=torch.bfloat16, double_quant=True))
+    layer.bias.requires_grad_(True)  # a trainable bias (BitFit) gets its gradient too
+    w = layer.dequantize().to(torch.bfloat16)  # (128, 256)
+    bias = layer.bias.detach().bfloat16().requires_grad_(True)
+    x_ref = torch.randn(3, 5, 256, requires_grad=True)
+    x = x_ref.detach().clone().requires_grad_(True)
+    ref, ref_saved = saved_by(lambda: nn.functional.linear(x_ref.bfloat16(), w, bias).float())
+    assert any(t.is_floating_point() and t.numel() == 128 * 256 for t in ref_saved)  # the reference keeps W
+    y, saved = saved_by(lambda: layer(x))
+    assert not any(t.is_floating_point() for t in saved), [(t.dtype, tuple(t.shape)) for t in saved]
+    assert saved and all(t.data_ptr() == layer.weight.data_ptr() for t in saved)  # the packed buffer: 0 new bytes
+    # Same numbers as the F.linear reference, forward and backward.
+    assert torch.equal(y, ref)
+    g = torch.randn_like(y)
+    ref.backward(g)
+    y.backward(g)
+    assert torch.equal(x.grad, x_ref.grad)
+    assert torch.allclose(layer.bias.grad, bias.grad.float(), rtol=1e-2, atol=1e-2)
