@@ -17,14 +17,34 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 export PEFTLAB_TORCH_PIN := $(TORCH_PIN)
 
-.PHONY: course test test-gpu venv lint unit reports clean-build
+.PHONY: course test test-gpu venv lint unit nbval release release-check grade-examples reports clean-build
 
-course: venv
+# Each part writes its results as soon as it finishes.
+course: venv release
+	@# exercise 2.4: full fine-tuning vs LoRA (exercise 2 reads reports/lora_vs_full.json)
 	$(PY) -m peftlab.cli compare --methods full,lora --steps 200 --limit 2000 --eval-limit 500 --out reports
+	@# the reference solutions, executed (grading mode off: the experiments run in full)
+	$(VENV)/bin/pytest -q -p no:cacheprovider --nbval-lax solutions/
+	$(PY) -m autograde grade autograde/examples
 	@# memory: analytic model for 135M..70B, with the committed GPU and cached CPU measurements
 	$(PY) -m peftlab.memory_report --out reports
 
-test: venv lint unit
+# The student release: built in build/, copied into notebooks/ only where a file is unchanged since the
+# last commit (a student's edits are never overwritten; the command says which files it kept).
+release: venv
+	$(PY) -m autograde release
+
+release-check: venv
+	$(PY) -m autograde release --check
+
+grade-examples: venv
+	$(PY) -m autograde grade autograde/examples
+
+# The solution notebooks, in the fast grading mode (small subsets; the full runs are make course's).
+nbval: venv
+	PEFTLAB_GRADING=1 $(VENV)/bin/pytest -q -p no:cacheprovider --nbval-lax solutions/
+
+test: venv lint unit nbval release-check
 
 venv: $(VENV)/.installed
 

@@ -1,0 +1,26 @@
+"""nbgrader settings of the peftlab course. Every path is relative to the course folder (this one, by default).
+
+``python -m autograde`` copies this file into the course folder it uses and fills ``source/`` from ``../solutions``.
+"""
+
+c = get_config()  # noqa: F821 - provided by nbgrader when it loads this file
+
+c.CourseDirectory.course_id = "peftlab"
+c.CourseDirectory.source_directory = "source"  # a copy of ../solutions, refreshed by python -m autograde
+c.CourseDirectory.release_directory = "release"
+c.CourseDirectory.submitted_directory = "submitted"  # submitted/<student>/<assignment>/<assignment>.ipynb
+c.CourseDirectory.autograded_directory = "autograded"
+c.CourseDirectory.feedback_directory = "feedback"
+c.CourseDirectory.ignore = [".ipynb_checkpoints", "*.pyc", "__pycache__", "*.bak.ipynb"]
+
+# nbgrader's default is 30 s per cell; grading runs with PEFTLAB_GRADING=1, so no graded cell needs near this.
+c.Execute.timeout = 120
+c.ExecutePreprocessor.timeout = 120
+c.Execute.interrupt_on_timeout = True  # an infinite loop costs one cell, not the notebook
+
+# A student who deleted a check cell gets it back (locked cells are restored from the gradebook anyway).
+c.OverwriteCells.add_missing_cells = True
+c.LimitOutput.max_lines = 200  # keep feedback readable when a submission prints in a loop
+
+c.ClearSolutions.code_stub = {"python": "# YOUR CODE HERE\nraise NotImplementedError()"}
+c.ClearSolutions.text_stub = "YOUR ANSWER HERE"

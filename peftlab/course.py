@@ -1,0 +1,450 @@
+"""The nbgrader pipeline of the course: build the student release, autograde submissions, validate and reset notebooks.
+
+Layout (paths relative to the repository root)::
+
+    solutions/<assignment>/<assignment>.ipynb   nbgrader source notebooks (solutions, hidden tests), committed executed
+    notebooks/<assignment>/<assignment>.ipynb   the generated student release, committed, never hand-edited
+    autograde/nbgrader_config.py                nbgrader settings, relative paths (copied into every course folder)
+    autograde/examples/<student>/<assignment>/  sample submissions: solution, untouched, partial
+    build/course/                               scratch course folder for the release (git-ignored)
+    autograde/{source,release,submitted,autograded,feedback,gradebook.db}   the instructor's grading state (git-ignored)
+
+Adding an exercise: put ``solutions/exN_name/exN_name.ipynb`` (nbgrader metadata on its cells), run
+``python -m autograde release`` and commit ``notebooks/exN_name/``; optionally add partial-submission edits to
+:data:`PARTIAL`. Everything else (grading, examples, tests) discovers assignments from ``solutions/``.
+
+References:
+    - nbgrader 0.9 (generate_assignment, autograde, generate_feedback, export); lukassnoek/introPy's course layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+
+CONFIG_NAME = "nbgrader_config.py"
+GRADING_ENV = {"PEFTLAB_GRADING": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+SOLUTION_MARKERS = ("### BEGIN SOLUTION", "### END SOLUTION", "### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS")
+EXAMPLE_STUDENTS = ("solution", "untouched", "partial")
+
+# The partly wrong sample submission: the solution with these bugs (cell id -> (old, new) source edits), every other
+# solution cell as the student would write it, one written answer filled in, ``make_hf_lora`` left undone.
+PARTIAL: dict[str, dict] = {
+    "ex1_motivation": {
+        "edits": {"storage_bytes": [("(n_params + n_tasks * adapter_params) * bytes_per_param",
+                                     "n_tasks * adapter_params * bytes_per_param  # forgot the base model")]},
+        "undone": [],
+        "answers": {"answer_1_2": "Freeze the big model and train only a few new parameters, e.g. LoRA matrices."},
+        "failing": ["check_storage_bytes"],
+    },
+    "ex2_lora": {
+        "edits": {"lora_layer": [("self.scaling = lora_alpha / r", "self.scaling = lora_alpha  # forgot / r")]},
+        "undone": ["make_hf_lora"],
+        "answers": {"answer_2_5": "Only A and B are saved; load the base model and put them back."},
+        "failing": ["check_lora_init", "check_lora_forward", "check_merge", "check_hf_lora"],
+    },
+    "ex4_prefix_prompt": {
+        "edits": {"extend_mask": [("return torch.cat([ones, attention_mask], dim=1)  # (B, P + T)",
+                                   "return torch.cat([attention_mask, ones], dim=1)  # ones after the text")]},
+        "undone": ["soft_prompt"],
+        "answers": {"answer_4_1": "A few learned vectors are put in front of the input; the model stays frozen."},
+        "failing": ["check_extend_mask", "check_prefix_forward", "check_soft_prompt_init", "check_soft_prompt_forward"],
+    },
+    "ex5_qlora": {
+        "edits": {"constant_bits": [("(8 * blocks + 32 * blocks2 + 32)",
+                                     "(8 * blocks)  # forgot the second-level scales")]},
+        "undone": ["nf4_linear"],
+        "answers": {"answer_5_1": "Fewer bits per weight: 4-bit is 8x smaller than fp32."},
+        "failing": ["check_double_quant_bits", "check_linear4bit"],
+    },
+}
+
+
+def repo_root() -> Path:
+    """The repository root: the working directory when it holds ``solutions/``, else the checkout of this file."""
+    cwd = Path.cwd()
+    return cwd if (cwd / "solutions").is_dir() else Path(__file__).resolve().parents[1]
+
+
+def assignments(root: Path) -> list[str]:
+    """Assignment names: the folders of ``solutions/`` that hold a notebook of the same name."""
+    return sorted(p.parent.name for p in (root / "solutions").glob("*/*.ipynb") if p.stem == p.parent.name)
+
+
+def _run(cmd: list[str], cwd: Path, timeout: float | None = None, env: dict | None = None) -> tuple[int, str]:
+    """Run a command in its own process group; on timeout kill the whole group (kernels included)."""
+    # nbgrader runs the `alembic` script of its own environment: put the interpreter's bin/ first on PATH.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {}), "PATH": path}, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, out
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        return -9, (out or "") + f"\n[killed after {timeout:.0f} s]"
+
+
+def _nbgrader(args: list[str], course: Path, timeout: float | None = None, env: dict | None = None) -> tuple[int, str]:
+    return _run([sys.executable, "-m", "nbgrader", *args], course, timeout, env)
+
+
+def prepare_course(root: Path, course: Path) -> None:
+    """Make ``course`` an nbgrader course folder: our config, and ``source/`` = a fresh copy of ``solutions/``."""
+    course.mkdir(parents=True, exist_ok=True)
+    config = root / "autograde" / CONFIG_NAME
+    if config.resolve() != (course / CONFIG_NAME).resolve():
+        shutil.copy(config, course / CONFIG_NAME)
+    source = course / "source"
+    shutil.rmtree(source, ignore_errors=True)
+    for name in assignments(root):
+        shutil.copytree(root / "solutions" / name, source / name,
+                        ignore=shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__"))
+
+
+def generate(root: Path, course: Path) -> None:
+    """``nbgrader generate_assignment`` for every assignment (writes ``course/release`` and the gradebook)."""
+    prepare_course(root, course)
+    code, log = _nbgrader(["generate_assignment", "*", "--force"], course)  # one process for all: startup is slow
+    missing = [n for n in assignments(root) if not (course / "release" / n / f"{n}.ipynb").exists()]
+    if code != 0 or missing:
+        raise RuntimeError(f"nbgrader generate_assignment failed (missing {missing}):\n{log[-3000:]}")
+    for nb_path in sorted((course / "release").glob("*/*.ipynb")):
+        normalize(nb_path)
+
+
+def normalize(path: Path) -> None:
+    """Drop run-specific metadata (execution times) so the release is byte-for-byte reproducible."""
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        cell.metadata.pop("execution", None)
+    nbformat.write(nb, path)
+
+
+# --- the student release -----------------------------------------------------------------------
+def _committed(root: Path, rel: str) -> bytes | None:
+    """The file as committed at git HEAD, or None (not tracked, or not a git checkout)."""
+    proc = subprocess.run(["git", "show", f"HEAD:{rel}"], cwd=root, capture_output=True)
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def example_notebooks(root: Path, release: Path) -> dict[str, bytes]:
+    """The sample submissions, derived from the solutions and the release: ``relative path -> bytes``."""
+    out = {}
+    for name in assignments(root):
+        solution = nbformat.read(root / "solutions" / name / f"{name}.ipynb", as_version=4)
+        released = nbformat.read(release / name / f"{name}.ipynb", as_version=4)
+        for cell in solution.cells:  # a submission carries no outputs
+            if cell.cell_type == "code":
+                cell.outputs, cell.execution_count = [], None
+            cell.metadata.pop("execution", None)
+        out[f"autograde/examples/solution/{name}/{name}.ipynb"] = nbformat.writes(solution).encode()
+        out[f"autograde/examples/untouched/{name}/{name}.ipynb"] = nbformat.writes(released).encode()
+        if name in PARTIAL:  # the partly wrong sample needs a spec of its bugs
+            out[f"autograde/examples/partial/{name}/{name}.ipynb"] = nbformat.writes(
+                partial_submission(solution, released, PARTIAL[name])).encode()
+    return {k: v if v.endswith(b"\n") else v + b"\n" for k, v in out.items()}
+
+
+def student_source(source: str) -> str:
+    """A solution cell as a student would write it: the solution code without nbgrader's marker lines."""
+    return "\n".join(line for line in source.split("\n") if line.strip() not in SOLUTION_MARKERS)
+
+
+def partial_submission(solution, released, spec: dict):
+    """The release with the solution filled in, except ``spec``'s bugs and undone cells (see :data:`PARTIAL`)."""
+    nb = nbformat.reads(nbformat.writes(released), as_version=4)
+    by_id = {c.id: c for c in solution.cells}
+    for cell in nb.cells:
+        meta = cell.metadata.get("nbgrader", {})
+        if cell.id in spec.get("answers", {}):
+            cell.source = spec["answers"][cell.id]
+        elif meta.get("solution") and cell.cell_type == "code" and cell.id not in spec.get("undone", []):
+            source = student_source(by_id[cell.id].source)
+            for old, new in spec.get("edits", {}).get(cell.id, []):
+                if old not in source:
+                    raise ValueError(f"partial submission: {old!r} not found in cell {cell.id}")
+                source = source.replace(old, new)
+            cell.source = source
+    return nb
+
+
+def release(root: Path | None = None, build: Path | None = None, check: bool = False) -> int:
+    """Regenerate ``notebooks/`` and ``autograde/examples/``; write a release notebook only where it is unchanged.
+
+    A committed release notebook that differs from git HEAD holds a student's edits: it is kept, and the new
+    version is left in ``build/``. A release notebook that is not committed yet is (re)written.
+    With ``check=True`` nothing is written: report drift and return 1.
+    """
+    root = root or repo_root()
+    build = build or root / "build" / "course"
+    generate(root, build)
+    wanted: dict[str, bytes] = {}
+    for name in assignments(root):
+        for path in sorted((build / "release" / name).rglob("*")):
+            if path.is_file():
+                wanted[f"notebooks/{name}/{path.relative_to(build / 'release' / name)}"] = path.read_bytes()
+    examples = example_notebooks(root, build / "release")
+    drift = []
+    for rel, data in {**wanted, **examples}.items():
+        dest = root / rel
+        current = dest.read_bytes() if dest.exists() else None
+        if current == data:
+            continue
+        if check:
+            drift.append(rel)
+            continue
+        committed = _committed(root, rel)
+        student_file = rel.startswith("notebooks/")
+        # Edited by a student = it exists, it is committed, and it differs from the commit. Not committed yet: ours.
+        if current is not None and student_file and committed is not None and current != committed:
+            print(f"kept {rel}: it differs from the committed release (your edits?); "
+                  f"the new version is in {build / 'release' / rel.split('/', 1)[1]}")
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(data)
+        print(f"wrote {rel}")
+    if check:
+        for rel in drift:
+            print(f"drift: {rel} differs from what the solutions generate")
+        return 1 if drift else 0
+    return 0
+
+
+def reset(notebook: Path, root: Path | None = None) -> Path:
+    """Replace a release notebook by a fresh copy; the student's version is kept beside it as ``.bak``."""
+    root = root or repo_root()
+    notebook = notebook.resolve()
+    name = notebook.parent.name
+    build = root / "build" / "course"
+    generate(root, build)
+    fresh = build / "release" / name / notebook.name
+    if not fresh.exists():
+        raise ValueError(f"{notebook} is not a release notebook; choose one of {assignments(root)}")
+    backup = notebook.with_suffix(f".{time.strftime('%Y%m%d-%H%M%S')}.bak.ipynb")
+    if notebook.exists():
+        shutil.copy(notebook, backup)
+        print(f"your version is saved as {backup}")
+    shutil.copy(fresh, notebook)
+    print(f"reset {notebook}")
+    return backup
+
+
+def validate(notebook: Path, timeout: int = 300) -> int:
+    """Run a notebook top to bottom and report which visible checks pass (``nbgrader validate``)."""
+    if not notebook.exists():
+        raise ValueError(f"{notebook} does not exist")
+    code, log = _run([sys.executable, "-m", "nbgrader", "validate", str(notebook.resolve()),
+                      f"--Execute.timeout={timeout}"], notebook.parent, env=GRADING_ENV)
+    print(log)
+    return code
+
+
+# --- grading -------------------------------------------------------------------------------------
+def check_notebook_file(path: Path) -> str | None:
+    """None for a readable notebook, else a one-line reason naming the file."""
+    try:
+        nb = nbformat.read(path, as_version=4)
+        nbformat.validate(nb)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is reported, never fatal
+        return f"{path}: not a valid notebook ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+    return None
+
+
+def stage_submissions(submissions: Path, course: Path) -> list[str]:
+    """Copy ``submissions/<student>/<assignment>/`` into ``course/submitted``, leaving out corrupt notebooks."""
+    target = course / "submitted"
+    problems = []
+    if submissions.resolve() != target.resolve():
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(submissions, target, ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
+    for path in sorted(target.glob("*/*/*.ipynb")):
+        reason = check_notebook_file(path)
+        if reason:
+            problems.append(reason.replace(str(target), str(submissions)))
+            path.rename(path.with_name(path.name + ".corrupt"))  # nbgrader then scores it as not submitted
+            continue
+        release = course / "release" / path.parent.name / path.name
+        if release.exists():
+            restored = restore_deleted_cells(path, release)
+            if restored:
+                print(f"{path.relative_to(target)}: restored deleted cells {restored} from the release")
+    return problems
+
+
+def restore_deleted_cells(path: Path, release: Path) -> list[str]:
+    """Put back (as released) every nbgrader cell the student deleted, where it was; return their ids.
+
+    nbgrader restores deleted *check* cells itself (``add_missing_cells``) but fails on a notebook that also lost
+    a solution cell; with every cell back, a deleted solution simply scores zero.
+    """
+    nb, ref = nbformat.read(path, as_version=4), nbformat.read(release, as_version=4)
+    grade_id = lambda c: c.metadata.get("nbgrader", {}).get("grade_id")  # noqa: E731
+    have = {grade_id(c) for c in nb.cells if grade_id(c)}
+    missing = [c for c in ref.cells if grade_id(c) and grade_id(c) not in have]
+    if not missing:
+        return []
+    for cell in missing:
+        before = [grade_id(c) for c in ref.cells[:ref.cells.index(cell)] if grade_id(c) in have]
+        at = next((i + 1 for i, c in enumerate(nb.cells) if before and grade_id(c) == before[-1]), 0)
+        nb.cells.insert(at, cell)
+        have.add(grade_id(cell))
+    nbformat.write(nb, path)
+    return [grade_id(c) for c in missing]
+
+
+def grade(submissions: Path, course: Path | None = None, root: Path | None = None, timeout: int = 120,
+          notebook_timeout: int = 900) -> list[dict]:
+    """Autograde ``submissions/<student>/<assignment>/*.ipynb``; write the gradebook, CSVs and feedback HTML.
+
+    Each (student, assignment) is graded in its own nbgrader process with a wall-clock limit, so a
+    corrupt, looping or crashing submission costs only its own score.
+    """
+    root = root or repo_root()
+    course = (course or root / "autograde").resolve()
+    submissions = submissions.resolve()
+    if not submissions.is_dir():
+        raise ValueError(f"submissions folder {submissions} does not exist (expected <student>/<assignment>/*.ipynb)")
+    start = time.perf_counter()
+    generate(root, course)
+    problems = stage_submissions(submissions, course)
+    for p in problems:
+        print(f"ERROR {p}: graded as not submitted")
+    names = set(assignments(root))
+    rows = []
+    for student_dir in sorted(p for p in (course / "submitted").iterdir() if p.is_dir()):
+        rows += grade_student(course, student_dir, names, timeout, notebook_timeout)
+    for name in sorted(names):
+        code, log = _nbgrader(["generate_feedback", name, "--force"], course)
+        if code != 0:
+            print(f"ERROR generate_feedback {name}:\n{log[-2000:]}")
+    code, log = _nbgrader(["export", "--to", "grades.csv"], course)
+    if code != 0:
+        print(f"ERROR nbgrader export:\n{log[-2000:]}")
+    scores = autograded_scores(course)
+    for row in rows:
+        row.update(scores.get((row["student"], row["assignment"]), {}))
+    write_scores(rows, course / "scores.csv")
+    print(f"\n{'student':>12} {'assignment':>16} {'autograded':>11} {'written (to grade)':>19}  status")
+    for r in rows:
+        auto = f"{r.get('autograded', 0):>5g} / {r.get('autograded_max', 0):<3g}"
+        print(f"{r['student']:>12} {r['assignment']:>16} {auto} {r.get('manual_max', 0):>13g} pts   {r['status']}")
+    print(f"\ngradebook {course / 'gradebook.db'}; scores {course / 'grades.csv'} (nbgrader export) and "
+          f"{course / 'scores.csv'}; feedback in {course / 'feedback'}; {time.perf_counter() - start:.0f} s in all")
+    return rows
+
+
+def grade_student(course: Path, student_dir: Path, names: set[str], timeout: int, notebook_timeout: int) -> list[dict]:
+    """Autograde all of one student's assignments in one nbgrader process (startup is slow); if that process has to
+    be killed (a kernel nbgrader cannot interrupt), grade the assignments it did not finish one by one."""
+    student = student_dir.name
+    todo = []
+    rows = {}
+    for assignment_dir in sorted(p for p in student_dir.iterdir() if p.is_dir()):
+        name = assignment_dir.name
+        if name not in names:
+            print(f"ERROR {assignment_dir}: unknown assignment {name!r}; expected one of {sorted(names)}")
+        elif not list(assignment_dir.glob("*.ipynb")):
+            rows[name] = dict(student=student, assignment=name, status="no readable notebook", seconds=0.0)
+        else:
+            todo.append(name)
+    flags = ["--student", student, "--force", f"--Execute.timeout={timeout}",
+             f"--ExecutePreprocessor.timeout={timeout}"]
+    t0 = time.perf_counter()
+    code, log = _nbgrader(["autograde", "*", *flags], course, notebook_timeout * max(len(todo), 1), GRADING_ENV) \
+        if todo else (0, "")
+    seconds = (time.perf_counter() - t0) / max(len(todo), 1)
+    graded = {n for n in todo if list((course / "autograded" / student / n).glob("*.ipynb"))}
+    if code == -9:  # killed: retry the unfinished ones alone, each with its own limit
+        for name in sorted(set(todo) - graded):
+            t1 = time.perf_counter()
+            code1, log1 = _nbgrader(["autograde", name, *flags], course, notebook_timeout, GRADING_ENV)
+            rows[name] = dict(student=student, assignment=name, seconds=round(time.perf_counter() - t1, 1),
+                              status="ok" if code1 == 0 else f"failed ({'killed' if code1 == -9 else 'error'})")
+    for name in todo:
+        if name not in rows:
+            rows[name] = dict(student=student, assignment=name, seconds=round(seconds, 1),
+                              status="ok" if name in graded else "failed (see the log above)")
+    if code != 0:
+        errors = [line for line in log.splitlines() if "ERROR" in line][-6:]
+        print(f"ERROR while grading {student}:\n  " + "\n  ".join(errors))
+    for name in sorted(rows):
+        print(f"graded {student}/{name}: {rows[name]['status']} ({rows[name]['seconds']} s)")
+    return [rows[n] for n in sorted(rows)]
+
+
+def autograded_scores(course: Path) -> dict[tuple[str, str], dict]:
+    """Per (student, assignment): autograded points, their maximum, and the points of written answers."""
+    from nbgrader.api import Gradebook, MissingEntry
+
+    out = {}
+    with Gradebook(f"sqlite:///{course / 'gradebook.db'}") as gb:
+        for assignment in gb.assignments:
+            for student in gb.students:
+                try:
+                    sub = gb.find_submission(assignment.name, student.id)
+                except MissingEntry:
+                    continue
+                grades = [g for nb in sub.notebooks for g in nb.grades]
+                auto = [g for g in grades if g.cell_type == "code"]
+                manual = [g for g in grades if g.cell_type == "markdown"]
+                out[(student.id, assignment.name)] = dict(
+                    autograded=sum(g.auto_score or 0 for g in auto), autograded_max=sum(g.max_score for g in auto),
+                    manual_max=sum(g.max_score for g in manual),
+                    failed_cells=" ".join(sorted(g.name for g in auto if (g.auto_score or 0) < g.max_score)))
+    return out
+
+
+def write_scores(rows: list[dict], path: Path) -> None:
+    fields = ["student", "assignment", "autograded", "autograded_max", "manual_max", "failed_cells", "status",
+              "seconds"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+# --- command line ----------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m autograde", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("release", help="regenerate notebooks/ (and the sample submissions) from solutions/")
+    p.add_argument("--check", action="store_true", help="write nothing; exit 1 if notebooks/ differs")
+    p = sub.add_parser("grade", help="autograde submitted/<student>/<assignment>/*.ipynb")
+    p.add_argument("submissions", type=Path, help="folder of <student>/<assignment>/*.ipynb")
+    p.add_argument("--course-dir", type=Path, default=None, help="nbgrader course folder (default: autograde/)")
+    p.add_argument("--timeout", type=int, default=120, help="seconds per cell (nbgrader's default is 30)")
+    p.add_argument("--notebook-timeout", type=int, default=900, help="seconds per student and assignment")
+    p = sub.add_parser("validate", help="run a notebook and its visible checks, as nbgrader validate")
+    p.add_argument("notebook", type=Path)
+    p.add_argument("--timeout", type=int, default=300, help="seconds per cell")
+    p = sub.add_parser("reset", help="restore a fresh release notebook (your version is kept as .bak)")
+    p.add_argument("notebook", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "release":
+            return release(check=args.check)
+        if args.command == "grade":
+            grade(args.submissions, args.course_dir, timeout=args.timeout, notebook_timeout=args.notebook_timeout)
+            return 0
+        if args.command == "validate":
+            return validate(args.notebook, args.timeout)
+        reset(args.notebook)
+        return 0
+    except (ValueError, RuntimeError) as e:
+        print(f"python -m autograde {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
