@@ -196,7 +196,7 @@ def apply_adapters(model: nn.Module, config: AdapterConfig, adapter_name: str = 
         d = _out_features(module)
         w = next(layer.base.parameters())
         layer.adapters[adapter_name] = BottleneckAdapter(d, config.size(d), config.non_linearity,
-                                                         config.layer_norm).to(w.device)
+                                                         config.layer_norm).to(device=w.device, dtype=w.dtype)
         return layer
 
     # ".base" is excluded so a regex cannot reach the linear layer inside an existing wrapper.
@@ -217,7 +217,8 @@ def _add_head(model: nn.Module, adapter_name: str, num_labels: int) -> None:
     if isinstance(head, nn.Linear):
         head = model.classifier = TaskHeads(head)
     original = head.original
-    new = nn.Linear(original.in_features, num_labels).to(original.weight.device)
+    new = nn.Linear(original.in_features, num_labels).to(device=original.weight.device,
+                                                         dtype=original.weight.dtype)
     if num_labels == original.out_features:  # same labels: start from the model's head (identity at step 0)
         new.load_state_dict(original.state_dict())
     else:  # a fresh head, initialised as transformers initialises BERT's

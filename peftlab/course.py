@@ -52,6 +52,13 @@ PARTIAL: dict[str, dict] = {
         "answers": {"answer_2_5": "Only A and B are saved; load the base model and put them back."},
         "failing": ["check_lora_init", "check_lora_forward", "check_merge", "check_hf_lora"],
     },
+    "ex3_adapters": {
+        "edits": {"switch": [("adapter.requires_grad_(key == name)",
+                              "adapter.requires_grad_(True)  # forgot to freeze the other tasks")]},
+        "undone": [],
+        "answers": {"answer_3_1": "Small bottleneck layers go into every layer of a frozen model; only they train."},
+        "failing": ["check_multitask_switch"],
+    },
     "ex4_prefix_prompt": {
         "edits": {"extend_mask": [("return torch.cat([ones, attention_mask], dim=1)  # (B, P + T)",
                                    "return torch.cat([attention_mask, ones], dim=1)  # ones after the text")]},
