@@ -51,7 +51,7 @@ def test_peftlab_command_is_installed_and_rejects_bad_input():
     exe = shutil.which("peftlab", path=str(Path(sys.executable).parent))
     assert exe, "the [project.scripts] entry point 'peftlab' is not installed"
     proc = subprocess.run([exe, "compare", "--methods", "full,lorra"], capture_output=True, text=True)
-    assert proc.returncode == 2 and "unknown method(s) ['lorra']" in proc.stderr and "lora" in proc.stderr
+    assert proc.returncode == 2 and "unknown method 'lorra'" in proc.stderr and "'lora'" in proc.stderr
 
 
 def test_no_network_in_tests():
