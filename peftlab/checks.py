@@ -103,6 +103,19 @@ def _call(what: str, fn: Callable, *args, **kwargs):
 
 
 # --- "did the student write it?" --------------------------------------------------------------
+def raised_by(fn: Callable, *args, **kwargs) -> str:
+    """The name of the exception ``fn(*args, **kwargs)`` raises, or ``"nothing"``: what a check reports.
+
+    >>> raised_by(int, "x"), raised_by(int, "1")
+    ('ValueError', 'nothing')
+    """
+    try:
+        fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - report what came
+        return type(e).__name__
+    return "nothing"
+
+
 def _code_objects(code: types.CodeType) -> Iterator[types.CodeType]:
     yield code
     for const in code.co_consts:
@@ -328,14 +341,7 @@ def check_add_lora_no_match(add_lora: Callable) -> None:
     """A target that matches nothing must raise ``ValueError`` (a typo must not silently train nothing)."""
     model = _tiny("tiny-bert")
     with Report("add_lora(model, ['q_proj']) on a BERT model (no module is called q_proj)") as rep:
-        try:
-            add_lora(model, ["q_proj"], r=2, lora_alpha=4.0)
-            raised = "nothing"
-        except ValueError:
-            raised = "ValueError"
-        except Exception as e:  # noqa: BLE001 - report what came
-            raised = type(e).__name__
-        rep.expect("exception", "ValueError", raised)
+        rep.expect("exception", "ValueError", raised_by(add_lora, model, ["q_proj"], r=2, lora_alpha=4.0))
 
 
 def _random_update(model: nn.Module, cls: type, seed: int = 1) -> None:
