@@ -1,10 +1,12 @@
 """GPU ladder: measured peak memory (``torch.cuda.max_memory_allocated``) of one training step vs peftlab.memory.
 
 Models are built on the GPU from real configs with random bf16 weights (values do not matter for memory).
-For each model, method (full, LoRA, QLoRA with peftlab's Linear4bit and with bitsandbytes) and gradient
-checkpointing off/on, the second of two steps is measured (optimizer states exist by then). Rows whose
-prediction exceeds the card are skipped and recorded as such. Results go to ``--out`` as JSON after
-every row, so a run cut short keeps what it measured.
+For each model, method (full, LoRA, QLoRA with peftlab's Linear4bit and with bitsandbytes, Houlsby and
+Pfeiffer adapters, prefix and prompt tuning) and gradient checkpointing off/on, the second of two steps is
+measured (optimizer states exist by then). Rows whose prediction exceeds the card are skipped and recorded
+as such, and so is prefix tuning with checkpointing (transformers drops the prefix there: an error). The
+run is appended to the ``runs`` of ``--out`` (JSON), rewritten after every row, so a run cut short keeps
+what it measured and earlier runs stay.
 
 Run (a GPU machine with this repo; bitsandbytes optional):
     python benchmarks/gpu_memory.py --out benchmarks/results/gpu_memory.json
@@ -26,7 +28,8 @@ import torch  # noqa: E402
 from peftlab.memory import GB, MemoryConfig, estimate, measure_gpu  # noqa: E402
 
 LADDER = ["smollm2-135m", "smollm2-360m", "llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b", "llama-13b"]
-METHODS = [("full", None), ("lora", None), ("qlora", "peftlab"), ("qlora", "bnb")]
+METHODS = [("full", None), ("lora", None), ("qlora", "peftlab"), ("qlora", "bnb"), ("houlsby", None),
+           ("pfeiffer", None), ("prefix", None), ("prompt", None)]
 
 
 def main() -> None:
@@ -35,7 +38,7 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(LADDER))
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=512)
-    ap.add_argument("--methods", default=None, help="e.g. full,lora,qlora-bnb (default: all)")
+    ap.add_argument("--methods", default=None, help="e.g. full,lora,qlora-bnb,houlsby,prefix (default: all)")
     ap.add_argument("--budget", type=float, default=480, help="seconds; no new row starts after this")
     args = ap.parse_args()
     try:
@@ -52,6 +55,13 @@ def main() -> None:
                   # memory_report reads this key: runs without it measured the old Linear4bit (F.linear).
                   linear4bit="MatMul4bit: dequantizes again in backward",
                   optimizer="MasterAdamW (fp32 master + fp32 moments)", rows=[])
+    previous = {}
+    if os.path.exists(args.out):
+        with open(args.out) as f:
+            previous = json.load(f)
+    runs = previous.get("runs", [previous] if previous else [])  # an older file may hold one run
+    note = previous.get("note")
+    runs.append(result)
     start = time.time()
     for model in args.models.split(","):
         for method, backend in METHODS:
@@ -62,6 +72,10 @@ def main() -> None:
                     print("budget reached", flush=True)
                     break
                 if backend == "bnb" and not bnb_version[0].isdigit():
+                    continue
+                if method == "prefix" and gc:
+                    result["rows"].append(dict(model=model, method=method, grad_checkpointing=gc,
+                                               skipped="prefix tuning cannot use gradient checkpointing"))
                     continue
                 cfg = MemoryConfig(model=model, method=method, dtype="bf16", batch=args.batch, seq=args.seq,
                                    grad_checkpointing=gc, quant_backend=backend or "bnb")
@@ -91,7 +105,7 @@ def main() -> None:
                       flush=True)
                 os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
                 with open(args.out, "w") as f:
-                    json.dump(result, f, indent=1)
+                    json.dump({"note": note, "runs": runs} if note else {"runs": runs}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -34,10 +34,12 @@ import argparse
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
+
+from .prefix import PREFIX_CHECKPOINTING
 
 GB = 1e9  # decimal gigabytes, as the QLoRA paper and GPU spec sheets use
 
@@ -138,6 +140,8 @@ class MemoryConfig:
         for name in ("r", "batch", "seq", "reduction_factor", "num_virtual_tokens"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.method == "prefix" and self.grad_checkpointing:
+            raise ValueError(PREFIX_CHECKPOINTING)
 
 
 @dataclass
@@ -178,59 +182,47 @@ def _lora_targets(model: nn.Module, cfg: MemoryConfig) -> list[str]:
 
 
 def count_params(cfg: MemoryConfig) -> dict:
-    """Parameter counts of the method on the real (meta) module tree.
+    """Parameter counts of the method, read off the real module tree (the method applied to a ``meta`` model).
 
-    Returns ``trainable``, ``frozen`` (kept at the compute width), ``quantized`` (frozen linear weights
-    stored in NF4 by QLoRA), ``lora_modules`` (how many layers carry a LoRA pair) and ``max_param``
+    Returns ``params`` (the base model), ``trainable``, ``frozen`` (kept at the compute width), ``quantized``
+    (frozen linear weights stored in NF4 by QLoRA), ``head`` (the output layer), ``lora_modules`` (layers
+    carrying a LoRA pair), ``adapters_per_layer`` and ``bottleneck`` (bottleneck adapters) and ``max_param``
     (numel of the largest trainable tensor: the optimizer's scratch is sized by it).
+    ``tests/test_memory.py`` checks these against the papers' closed forms.
 
     >>> c = count_params(MemoryConfig(model="tiny-llama", method="lora", r=4))
     >>> c["trainable"]  # 2 layers x (q: 4*(64+64) + v: 4*(64+32))
     1792
     """
+    from .adapters import AdapterLayer
     from .inject import matches
+    from .lora import LoraLinear
 
     model = _meta_model(cfg)
-    arch = model.config
     total = sum(p.numel() for p in model.parameters())  # .parameters() counts tied weights once
-    d, n_layers = arch.hidden_size, arch.num_hidden_layers
     head_names = ("lm_head", "classifier", "score")
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    body_linear = {n: m for n, m in linears.items() if not any(matches(n, [h]) for h in head_names)}
-    head_params = sum(p.numel() for n, m in linears.items() if n not in body_linear for p in m.parameters())
-    out = dict(params=total, quantized=0, lora_modules=0, head=head_params)
-    if cfg.method == "full":
-        out.update(trainable=total, frozen=0, max_param=max(p.numel() for p in model.parameters()))
-        return out
-    if cfg.method in ("lora", "qlora"):
-        targets = _lora_targets(model, cfg)
-        chosen = {n: m for n, m in body_linear.items() if matches(n, targets)}
-        if not chosen:
-            raise ValueError(f"target_modules {targets} matched no linear layer of {cfg.model}")
-        # LoRA: A is (r x in), B is (out x r): r (in + out) per wrapped layer (Hu et al., section 4.1)
-        trainable = sum(cfg.r * (m.in_features + m.out_features) for m in chosen.values())
-        out.update(lora_modules=len(chosen), lora_width=sum(m.out_features for m in chosen.values()) // n_layers,
-                   max_param=max(cfg.r * max(m.in_features, m.out_features) for m in chosen.values()))
-    elif cfg.method in ("houlsby", "pfeiffer"):
-        m_ = max(1, d // cfg.reduction_factor)
-        per_adapter = d * m_ + m_ + m_ * d + d  # down (d -> m) + bias, up (m -> d) + bias
-        per_layer = 2 if cfg.method == "houlsby" else 1  # Houlsby: after attention and FFN; Pfeiffer: FFN only
-        trainable = n_layers * per_layer * per_adapter
-        out.update(max_param=d * m_, adapters_per_layer=per_layer, bottleneck=m_)
-    elif cfg.method == "prefix":
-        heads = arch.num_attention_heads
-        kv_dim = getattr(arch, "num_key_value_heads", heads) * (d // heads)
-        trainable = 2 * n_layers * cfg.num_virtual_tokens * kv_dim  # a key and a value row per layer per token
-        out.update(max_param=trainable)
-    else:  # prompt
-        trainable = cfg.num_virtual_tokens * d  # one embedding row per virtual token
-        out.update(max_param=trainable)
-    if cfg.task == "classification":  # the new head trains too (modules_to_save)
-        trainable += head_params
-    quantized = sum(m.weight.numel() for m in body_linear.values()) if cfg.method == "qlora" else 0
-    out.update(trainable=trainable, quantized=quantized, frozen=total - quantized - (
-        head_params if cfg.task == "classification" else 0))
-    return out
+    body_linear = [m for n, m in model.named_modules()
+                   if isinstance(m, nn.Linear) and not any(matches(n, [h]) for h in head_names)]
+    head = sum(p.numel() for n, m in model.named_children() if n in head_names for p in m.parameters())
+    quantized = sum(m.weight.numel() for m in body_linear) if cfg.method == "qlora" else 0
+    # The method as training applies it (prepare_model), without quantizing: NF4 bytes are counted below.
+    model = prepare_model(model, replace(cfg, grad_checkpointing=False), quantize=False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in trainable)
+    n_all = sum(p.numel() for p in model.parameters())
+    lora_modules = sum(isinstance(m, LoraLinear) for m in model.modules())
+    if cfg.method in ("lora", "qlora") and not lora_modules:
+        raise ValueError(f"target_modules {_lora_targets(model, cfg)} matched no linear layer of {cfg.model}")
+    sites = sum(isinstance(m, AdapterLayer) for m in model.modules())
+    n_layers, d = model_config(model).num_hidden_layers, model_config(model).hidden_size
+    return dict(params=total, trainable=n_trainable, frozen=n_all - n_trainable - quantized, quantized=quantized,
+                head=head, lora_modules=lora_modules, adapters_per_layer=sites // n_layers,
+                bottleneck=max(1, d // cfg.reduction_factor), max_param=max(p.numel() for p in trainable))
+
+
+def model_config(model: nn.Module):
+    """The transformers config of a model, or of the model a prefix/prompt wrapper holds (``.base``)."""
+    return getattr(model, "base", model).config
 
 
 # --- activations: what eager PyTorch saves for backward, per token ------------------------------------------------
@@ -259,6 +251,12 @@ def llama_layer_activations(arch, cfg: MemoryConfig, counts: dict) -> dict:
     # SDPA (flash / CPU flash kernel) keeps q, k, v after RoPE, its output, and a fp32 log-sum-exp per head.
     # The output is laid out (B, T, H, hd), so o_proj's input is a view of it: no extra copy.
     attention = a * (d + kv + kv + d) + 4 * heads
+    if cfg.method == "prefix":
+        # The prefix arrives as a cache, so transformers passes SDPA an explicit mask (T x (P + T) per row, kept
+        # at the compute width, in every layer); with a mask it repeats the kv heads to all heads (repeat_kv, no
+        # enable_gqa): keys and values are kept P + T long and d wide, per real token (T + P) / T of that.
+        T, P = cfg.seq, cfg.num_virtual_tokens
+        attention = a * (d + 2 * d * (T + P) / T + d) + 4 * heads + a * (T + P)
     # SwiGLU: silu keeps gate (a ff), the product keeps silu(gate) and up (2 a ff); down_proj keeps its input.
     mlp = a * 3 * ff + reads("down_proj") * a * ff
     # LoRA keeps x @ A^T (r values) for B's gradient, per wrapped layer.
@@ -267,8 +265,13 @@ def llama_layer_activations(arch, cfg: MemoryConfig, counts: dict) -> dict:
     if cfg.method in ("houlsby", "pfeiffer"):  # down keeps its input (d), the activation and up keep m each
         adapters = counts["adapters_per_layer"] * a * (d + 2 * counts["bottleneck"])
     total = norm_attn + attention + norm_mlp + mlp + lora_mid + adapters
+    # Layer 0 keeps nothing for backward before the first trainable tensor: its input (the frozen embeddings)
+    # needs no gradient. Adapters train only after the attention output (Houlsby) or the MLP (Pfeiffer); a
+    # prefix joins inside the attention, so only the first norm is skipped. LoRA and prompts reach layer 0's input.
+    first_layer_skip = {"houlsby": norm_attn + attention, "prefix": norm_attn, "pfeiffer": total - adapters,
+                        "lora": 4 * d + 4, "qlora": 4 * d + 4}.get(cfg.method, 0)  # LoRA: the norm's internals
     return dict(norm_attn=norm_attn, attention=attention, norm_mlp=norm_mlp, mlp=mlp, lora=lora_mid,
-                adapters=adapters, total=total)
+                adapters=adapters, total=total, first_layer_skip=first_layer_skip)
 
 
 def bert_layer_activations(arch, cfg: MemoryConfig, counts: dict, seq: int) -> dict:
@@ -276,6 +279,7 @@ def bert_layer_activations(arch, cfg: MemoryConfig, counts: dict, seq: int) -> d
 
     BERT's attention with a padding mask runs SDPA's math path, which keeps the scores' softmax, the dropout
     mask and the dropped-out probabilities: ``3 H T`` values per token, the ``5as/h`` term of Korthikanti et al.
+    Checked against autograd's saved tensors on the CPU, fp32 and bf16 (``tests/test_memory.py``).
     """
     a = 2 if cfg.dtype == "bf16" else 4
     d, ff, heads = arch.hidden_size, arch.intermediate_size, arch.num_attention_heads
@@ -283,14 +287,27 @@ def bert_layer_activations(arch, cfg: MemoryConfig, counts: dict, seq: int) -> d
     lora = cfg.method in ("lora", "qlora")
     targets = _lora_targets(_meta_model(cfg), cfg) if lora else []
     qkv_in = int(full or any(t in targets for t in ("query", "key", "value")))
-    attention = a * (qkv_in * d + 3 * d + 3 * heads * seq)  # input, q, k, v; softmax, mask, dropped probs
+    # A prefix lengthens the keys and values (and the score rows) to P + T; the queries stay T.
+    kv_len = seq + cfg.num_virtual_tokens if cfg.method == "prefix" else seq
+    # The input (if q/k/v train); q, k, v, the softmax, its dropout mask and the dropped probabilities, which the
+    # math path keeps in fp32 even for bf16 inputs (it upcasts on the CPU; a GPU would run a fused kernel).
+    attention = a * qkv_in * d + 4 * (d + 2 * d * kv_len / seq + 3 * heads * kv_len)
     # attention.output: dense input (if it trains), dropout mask, LayerNorm input and its mean/rstd
     attn_out = a * (full * d + d + d) + 8
     # intermediate input (LayerNorm output, if it trains), GELU input, output.dense input, dropout mask, LN
     ffn = a * (full * d + ff + full * ff + d + d) + 8
     lora_mid = a * cfg.r * counts.get("lora_modules", 0) / arch.num_hidden_layers
-    total = attention + attn_out + ffn + lora_mid
-    return dict(attention=attention, attn_out=attn_out, ffn=ffn, lora=lora_mid, total=total)
+    adapters = 0
+    if cfg.method in ("houlsby", "pfeiffer"):  # on the dense outputs, before dropout and LayerNorm
+        adapters = counts["adapters_per_layer"] * a * (d + 2 * counts["bottleneck"])
+    total = attention + attn_out + ffn + lora_mid + adapters
+    # Layer 0 before the first trainable tensor keeps nothing (see llama_layer_activations). LoRA on q/v: the
+    # keys need no gradient there, so the queries are not kept; a prefix: the queries need none, so the keys are
+    # not kept; Pfeiffer keeps only output.dense's dropout + LN.
+    first_layer_skip = {"houlsby": attention, "pfeiffer": total - adapters - (a * 2 * d + 8),
+                        "lora": a * d, "qlora": a * d, "prefix": a * d * kv_len / seq}.get(cfg.method, 0)
+    return dict(attention=attention, attn_out=attn_out, ffn=ffn, lora=lora_mid, adapters=adapters, total=total,
+                first_layer_skip=first_layer_skip)
 
 
 def activation_bytes(cfg: MemoryConfig, counts: dict | None = None) -> dict:
@@ -303,8 +320,9 @@ def activation_bytes(cfg: MemoryConfig, counts: dict | None = None) -> dict:
     a = 2 if cfg.dtype == "bf16" else 4
     if arch.model_type == "bert":
         layer = bert_layer_activations(arch, cfg, counts, cfg.seq + virtual)
-        # embeddings: LayerNorm input + its statistics + dropout mask; head: pooler and classifier are tiny
-        head_saved, head_transient = tokens * (2 * a * d + 8), 0.0
+        # embeddings: LayerNorm input + its statistics + dropout mask, kept only when the embeddings' output
+        # needs a gradient (full fine-tuning; prompt tuning's virtual tokens); pooler and classifier are tiny
+        head_saved, head_transient = tokens * (2 * a * d + 8) * (cfg.method in ("full", "prompt")), 0.0
     elif arch.model_type in ("llama", "mistral", "qwen2"):
         layer = llama_layer_activations(arch, cfg, counts)
         vocab = arch.vocab_size
@@ -316,15 +334,12 @@ def activation_bytes(cfg: MemoryConfig, counts: dict | None = None) -> dict:
     else:
         raise ValueError(f"activation formulas exist for llama/mistral/qwen2 and bert, not {arch.model_type!r}")
     per_layer = tokens * layer["total"]
-    if cfg.method == "prefix":  # the prefix's keys and values join every layer's attention (kept by SDPA)
-        kv_dim = counts["trainable"] / (2 * n_layers * cfg.num_virtual_tokens)
-        per_layer += cfg.batch * cfg.num_virtual_tokens * 2 * a * kv_dim
     if cfg.grad_checkpointing:
         # Only each layer's input (a d per token) is kept; backward recomputes one layer at a time (Chen et al.).
         saved = n_layers * tokens * a * d
         peak = saved + max(head_saved + head_transient, per_layer + head_saved)
     else:
-        saved = n_layers * per_layer
+        saved = n_layers * per_layer - tokens * layer.get("first_layer_skip", 0)
         peak = saved + head_saved + head_transient
     return dict(peak=peak, per_layer=per_layer, saved=saved + head_saved, head_transient=head_transient,
                 per_token_layer=layer)
@@ -354,11 +369,11 @@ def estimate(cfg: MemoryConfig) -> Estimate:
     # First gradient to appear in backward: the head's (the LM head / tied embedding is the largest matrix).
     head_grad = w * counts["head"] if cfg.method == "full" else 0
     # QLoRA dequantizes one weight at a time, in forward and again in backward (bitsandbytes' MatMul4Bit and
-    # peftlab's MatMul4bit alike): a transient bf16 copy of the largest linear.
+    # peftlab's MatMul4bit alike): a transient copy of the largest linear at the compute width.
     dequant = 0
     if cfg.method == "qlora":
         arch = get_model_config(cfg.model)
-        dequant = 2 * arch.hidden_size * arch.intermediate_size
+        dequant = w * arch.hidden_size * arch.intermediate_size
         if cfg.quant_backend == "peftlab-legacy":
             # Found by measurement (the committed GPU rows): peftlab's Linear4bit used to call
             # F.linear(x, dequantized_w), and autograd kept that bf16 weight for the input gradient: 2 B per
@@ -407,26 +422,43 @@ class MasterAdamW:
             p.grad = None
 
 
-def prepare_model(model: nn.Module, cfg: MemoryConfig, quant_backend: str | None = None) -> nn.Module:
-    """Apply ``cfg.method`` to a built model (full, lora, qlora with ``quant_backend`` peftlab or bnb)."""
-    quant_backend = quant_backend or cfg.quant_backend
-    from .lora import LoraConfig, apply_lora
+def prepare_model(model: nn.Module, cfg: MemoryConfig, quant_backend: str | None = None,
+                  quantize: bool = True) -> nn.Module:
+    """Apply ``cfg.method`` to a built model and return the model to train (prefix and prompt tuning wrap it).
 
+    QLoRA's frozen linears become 4-bit layers of ``quant_backend`` (``"peftlab"`` or ``"bnb"``) unless
+    ``quantize`` is False (parameter counting). Prompt tuning starts from random virtual tokens: the
+    initialisation does not change memory.
+    """
+    quant_backend = quant_backend or cfg.quant_backend
     if cfg.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
     elif cfg.method in ("lora", "qlora"):
+        from .lora import LoraConfig, apply_lora
+
         apply_lora(model, LoraConfig(r=cfg.r, lora_alpha=2 * cfg.r, target_modules=_lora_targets(model, cfg)))
-        if cfg.method == "qlora":
+        if cfg.method == "qlora" and quantize:
             _quantize_frozen_linears(model, quant_backend)
-    else:
-        raise ValueError(f"measurement supports full, lora, qlora; {cfg.method!r} is analytic only")
-    if cfg.task == "classification":
-        head = model.classifier if hasattr(model, "classifier") else model.score
+    elif cfg.method in ("houlsby", "pfeiffer"):
+        from .adapters import AdapterConfig, apply_adapters
+
+        apply_adapters(model, AdapterConfig(placement=cfg.method, reduction_factor=cfg.reduction_factor))
+    elif cfg.method == "prefix":
+        from .prefix import PrefixConfig, PrefixTuningModel
+
+        model = PrefixTuningModel(model, PrefixConfig(num_virtual_tokens=cfg.num_virtual_tokens))
+    else:  # prompt
+        from .prompt import PromptTuningConfig, PromptTuningModel
+
+        model = PromptTuningModel(model, PromptTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens))
+    base = getattr(model, "base", model)
+    if cfg.task == "classification":  # the new head trains too (HF peft's modules_to_save)
+        head = base.classifier if hasattr(base, "classifier") else base.score
         for p in head.parameters():
             p.requires_grad_(True)
     if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
@@ -458,7 +490,7 @@ def train_steps(model: nn.Module, cfg: MemoryConfig, steps: int = 2, reset=None)
     """Run ``steps`` training steps on random tokens; ``reset()`` is called after the first (peak bookkeeping)."""
     device = next(model.parameters()).device
     torch.manual_seed(0)
-    vocab = model.config.vocab_size
+    vocab = model_config(model).vocab_size
     ids = torch.randint(0, vocab, (cfg.batch, cfg.seq), device=device)
     labels = ids if cfg.task == "causal_lm" else torch.zeros(cfg.batch, dtype=torch.long, device=device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -514,7 +546,7 @@ def cpu_measure_child(cfg: dict, source: str = "config") -> dict:
         model = load_classifier(num_labels=2)[0]
     else:
         model = build_from_config(get_model_config(c.model), task=c.task, num_labels=2)
-    prepare_model(model, c)
+    model = prepare_model(model, c)
     gc.collect()
     libc.malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM): loading may have peaked higher
@@ -542,7 +574,7 @@ def measure_gpu(cfg: MemoryConfig, quant_backend: str | None = None) -> dict:
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     model = build_from_config(get_model_config(cfg.model), task=cfg.task, device="cuda", dtype=dtype, num_labels=2)
-    prepare_model(model, cfg, quant_backend)
+    model = prepare_model(model, cfg, quant_backend)
     torch.cuda.synchronize()
     loaded = torch.cuda.memory_allocated() - base
     train_steps(model, cfg, steps=2, reset=torch.cuda.reset_peak_memory_stats)

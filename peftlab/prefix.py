@@ -38,6 +38,11 @@ from .inject import freeze
 
 HEAD_NAMES = ("classifier", "score")  # a sequence classifier's new head: it trains too, as in HF peft
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+# transformers' checkpointed layers set past_key_values=None (a cache cannot be recomputed), which drops the
+# prefix; HF peft raises the same error (huggingface/peft#2191).
+PREFIX_CHECKPOINTING = ("prefix tuning cannot train with gradient checkpointing: the prefix reaches the layers as "
+                        "past_key_values, which transformers drops in checkpointed layers; turn checkpointing off "
+                        "(or use prompt tuning, LoRA or adapters)")
 
 
 @dataclass
@@ -184,6 +189,8 @@ class PrefixTuningModel(nn.Module):
         if kwargs.get("past_key_values") is not None:
             raise ValueError("PrefixTuningModel builds past_key_values itself (the prefix); for decoding "
                              "with a cache use generate()")
+        if self.training and checkpointing(self.base):
+            raise ValueError(PREFIX_CHECKPOINTING)
         batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
         P = self.config.num_virtual_tokens
         if attention_mask is not None:
@@ -218,6 +225,14 @@ class PrefixTuningModel(nn.Module):
         # A mask longer than input_ids tells generate() that the cache already holds those P positions.
         return self.base.generate(input_ids=input_ids, attention_mask=mask,
                                   past_key_values=self.past_key_values(rows), **kwargs)
+
+
+def checkpointing(model: nn.Module) -> bool:
+    """Whether gradient checkpointing is on (transformers 5 renamed it activation checkpointing)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return False
 
 
 def unfreeze_head(base: nn.Module) -> None:

@@ -48,7 +48,7 @@ def test_llama_layer_formula_by_hand_fp32_full():
     assert act["per_token_layer"]["total"] == hand == 4376
 
 
-def saved_bytes(model, batch, seq):
+def saved_bytes(model, batch, seq, task="causal_lm"):
     """Bytes autograd keeps for backward (distinct storages, parameters excluded): an independent count."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen = {}
@@ -60,20 +60,56 @@ def saved_bytes(model, batch, seq):
         return t
 
     ids = torch.randint(0, V, (batch, seq))
+    labels = ids if task == "causal_lm" else torch.zeros(batch, dtype=torch.long)
+    extra = dict(use_cache=False) if task == "causal_lm" else dict(attention_mask=torch.ones_like(ids))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids, labels=ids, use_cache=False)
+        model(input_ids=ids, labels=labels, **extra)
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("model_name,task", [("tiny-llama", "causal_lm"), ("tiny-bert", "classification")])
+@pytest.mark.parametrize("method", ["full", "lora", "houlsby", "pfeiffer", "prefix", "prompt"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_saved_activations_match_autograd(method, dtype):
-    cfg = MemoryConfig(model="tiny-llama", method=method, dtype=dtype, r=4, batch=2, seq=32)
-    model = build_from_config("tiny-llama", dtype=torch.float32 if dtype == "fp32" else torch.bfloat16)
-    prepare_model(model, cfg).train()
+def test_saved_activations_match_autograd(model_name, task, method, dtype):
+    # Two layers only: what layer 0 does not keep (nothing before the first trainable tensor) is half the
+    # model here, so these cases test that rule hard. Prefix: repeated kv heads and the explicit mask.
+    cfg = MemoryConfig(model=model_name, task=task, method=method, dtype=dtype, r=4, batch=2, seq=32)
+    model = build_from_config(model_name, task=task, num_labels=2,
+                              dtype=torch.float32 if dtype == "fp32" else torch.bfloat16)
+    model = prepare_model(model, cfg).train()
     predicted = activation_bytes(cfg)["saved"]
-    # Small terms left out of the model (ids, labels, RoPE tables, the first layer's norm input under LoRA).
-    assert predicted == pytest.approx(saved_bytes(model, 2, 32), rel=0.06)
+    # Small terms left out of the model (ids, labels, RoPE tables, the pooler and classifier inputs).
+    assert predicted == pytest.approx(saved_bytes(model, 2, 32, task), rel=0.05)
+
+
+def test_prefix_with_gradient_checkpointing_is_refused_clearly():
+    from peftlab.prefix import PrefixConfig, PrefixTuningModel
+
+    with pytest.raises(ValueError, match="prefix tuning cannot train with gradient checkpointing"):
+        MemoryConfig(model="tiny-llama", method="prefix", grad_checkpointing=True)
+    base = build_from_config("tiny-llama")
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = PrefixTuningModel(base, PrefixConfig(num_virtual_tokens=3)).train()
+    with pytest.raises(ValueError, match="past_key_values, which transformers drops"):
+        model(input_ids=torch.tensor([[1, 2, 3]]))
+    model.eval()  # inference does not checkpoint: the prefix works
+    assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, V)
+
+
+def test_adapter_prefix_prompt_counts_by_hand():
+    # The real module tree (count_params) against the papers' closed forms; m = 64 // 16 = 4.
+    def trainable(method, **kw):
+        return count_params(MemoryConfig(model="tiny-llama", method=method, **kw))["trainable"]
+
+    assert trainable("houlsby") == L * 2 * (2 * D * 4 + D + 4)  # two adapters per layer (Houlsby et al.)
+    assert trainable("pfeiffer") == L * (2 * D * 4 + D + 4)  # one, after the FFN (Pfeiffer et al.)
+    assert trainable("pfeiffer", reduction_factor=8) == L * (2 * D * 8 + D + 8)
+    assert trainable("prefix", num_virtual_tokens=5) == 2 * L * 5 * KV  # keys + values per layer, kv width
+    assert trainable("prompt", num_virtual_tokens=5) == 5 * D  # input embeddings only (Lester et al.)
+    # A classifier's new head trains too: MiniLM-style tiny-bert, 2 labels.
+    head = D * 2 + 2
+    assert count_params(MemoryConfig(model="tiny-bert", task="classification", method="prompt",
+                                     num_virtual_tokens=5))["trainable"] == 5 * D + head
 
 
 @pytest.mark.slow
