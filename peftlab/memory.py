@@ -322,7 +322,13 @@ def activation_bytes(cfg: MemoryConfig, counts: dict | None = None) -> dict:
         layer = bert_layer_activations(arch, cfg, counts, cfg.seq + virtual)
         # embeddings: LayerNorm input + its statistics + dropout mask, kept only when the embeddings' output
         # needs a gradient (full fine-tuning; prompt tuning's virtual tokens); pooler and classifier are tiny
-        head_saved, head_transient = tokens * (2 * a * d + 8) * (cfg.method in ("full", "prompt")), 0.0
+        head_saved = tokens * (2 * a * d + 8) * (cfg.method in ("full", "prompt"))
+        # Transient in backward, at the last layer's attention (math path, fp32): the gradients of the dropped
+        # probabilities, of the probabilities and of the scores, (B, H, T, T_kv) each (found by measurement:
+        # the CPU rows of MiniLM were ~20 MB short without it).
+        q_len = cfg.seq + virtual
+        kv_len = q_len + (cfg.num_virtual_tokens if cfg.method == "prefix" else 0)
+        head_transient = 3 * 4 * cfg.batch * arch.num_attention_heads * q_len * kv_len
     elif arch.model_type in ("llama", "mistral", "qwen2"):
         layer = llama_layer_activations(arch, cfg, counts)
         vocab = arch.vocab_size
@@ -480,6 +486,8 @@ def _quantize_frozen_linears(model: nn.Module, backend: str) -> None:
                                       device="meta")
             layer.weight = bnb.nn.Params4bit(lin.weight.data.cpu(), requires_grad=False, quant_type="nf4",
                                              compress_statistics=True).to(lin.weight.device)  # quantizes on .to
+            if lin.bias is not None:  # built on meta above: take the real bias (BERT's linears have one)
+                layer.bias = nn.Parameter(lin.bias.data, requires_grad=False)
             return layer
     else:  # "peftlab-legacy" no longer exists as code: it only predicts old measurements
         raise ValueError(f"quant_backend must be 'peftlab' or 'bnb' to measure, got {backend!r}")
@@ -546,6 +554,18 @@ def cpu_measure_child(cfg: dict, source: str = "config") -> dict:
         model = load_classifier(num_labels=2)[0]
     else:
         model = build_from_config(get_model_config(c.model), task=c.task, num_labels=2)
+    # from_pretrained maps the safetensors file; the pages a step touches count in RSS, and they stay resident
+    # after QLoRA frees the fp32 weights, as long as any tensor (the embeddings) keeps the mapping alive. A
+    # trainer owns its weights: copy every tensor into process memory, then the file is unmapped.
+    with torch.no_grad():
+        for module in model.modules():
+            for p in module._parameters.values():
+                if p is not None:
+                    p.data = p.data.clone()
+            for name, b in module._buffers.items():
+                if b is not None:
+                    module._buffers[name] = b.clone()
+    gc.collect()
     model = prepare_model(model, c)
     gc.collect()
     libc.malloc_trim(0)
@@ -611,7 +631,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--grad-checkpointing", action="store_true")
-    p.add_argument("--num-virtual-tokens", type=int, default=20)
+    p.add_argument("--num-virtual-tokens", type=int, default=20, help="prefix and prompt tuning")
+    p.add_argument("--reduction-factor", type=int, default=16, help="adapters: bottleneck m = d / reduction factor")
     p.add_argument("--quant-backend", default="bnb", help=f"QLoRA's 4-bit layer: one of {QUANT_BACKENDS}")
     p.add_argument("--measure", action="store_true", help="run two real training steps and compare")
     p.add_argument("--json", default=None, help="write the estimate (and measurement) to this file")
@@ -626,7 +647,8 @@ def run_cli(args: argparse.Namespace) -> int:
     cfg = MemoryConfig(model=model, method=args.method, r=args.r, dtype=args.dtype or ("bf16" if cuda else "fp32"),
                        target_modules=args.targets.split(",") if args.targets else None, optimizer=args.optimizer,
                        batch=args.batch, seq=args.seq, grad_checkpointing=args.grad_checkpointing,
-                       num_virtual_tokens=args.num_virtual_tokens, task=task, quant_backend=args.quant_backend)
+                       num_virtual_tokens=args.num_virtual_tokens, reduction_factor=args.reduction_factor, task=task,
+                       quant_backend=args.quant_backend)
     e = estimate(cfg)
     measured = None
     if args.measure:
