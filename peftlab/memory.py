@@ -464,7 +464,9 @@ def prepare_model(model: nn.Module, cfg: MemoryConfig, quant_backend: str | None
         for p in head.parameters():
             p.requires_grad_(True)
     if cfg.grad_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from .models import enable_checkpointing
+
+        enable_checkpointing(base)
     return model
 
 

@@ -170,3 +170,20 @@ def build_from_config(name_or_config, task: str = "causal_lm", device: str | tor
     with torch.device(device):
         model = auto.from_config(config, dtype=dtype)
     return model.eval()
+
+
+def checkpointing(model: nn.Module) -> bool:
+    """Whether gradient checkpointing is on (transformers 5.x renames it activation checkpointing)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return False
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Turn on gradient checkpointing, non-reentrant (the variant that works with frozen inputs)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # transformers before the rename
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

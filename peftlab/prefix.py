@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from .inject import freeze
+from .models import checkpointing
 
 HEAD_NAMES = ("classifier", "score")  # a sequence classifier's new head: it trains too, as in HF peft
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -225,14 +226,6 @@ class PrefixTuningModel(nn.Module):
         # A mask longer than input_ids tells generate() that the cache already holds those P positions.
         return self.base.generate(input_ids=input_ids, attention_mask=mask,
                                   past_key_values=self.past_key_values(rows), **kwargs)
-
-
-def checkpointing(model: nn.Module) -> bool:
-    """Whether gradient checkpointing is on (transformers 5 renamed it activation checkpointing)."""
-    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-        if hasattr(type(model), name):
-            return bool(getattr(model, name))
-    return False
 
 
 def unfreeze_head(base: nn.Module) -> None:

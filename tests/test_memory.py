@@ -87,8 +87,10 @@ def test_prefix_with_gradient_checkpointing_is_refused_clearly():
 
     with pytest.raises(ValueError, match="prefix tuning cannot train with gradient checkpointing"):
         MemoryConfig(model="tiny-llama", method="prefix", grad_checkpointing=True)
+    from peftlab.models import enable_checkpointing
+
     base = build_from_config("tiny-llama")
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(base)
     model = PrefixTuningModel(base, PrefixConfig(num_virtual_tokens=3)).train()
     with pytest.raises(ValueError, match="past_key_values, which transformers drops"):
         model(input_ids=torch.tensor([[1, 2, 3]]))
