@@ -56,3 +56,23 @@ def _smollm2_once():
 def smollm2(_smollm2_once):
     model, tokenizer = _smollm2_once
     return copy.deepcopy(model).eval(), tokenizer
+
+
+def _lm_losses(model, ids: torch.Tensor, steps: int, lr: float) -> list[float]:
+    """Train ``model``'s trainable parameters with AdamW on ``ids`` as its own labels; the loss of every step."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.fixture
+def lm_losses():
+    """``lm_losses(model, ids, steps, lr)``: a short language-model training run (see ``_lm_losses``)."""
+    return _lm_losses

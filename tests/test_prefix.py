@@ -160,20 +160,12 @@ def test_generate_equals_greedy_decoding_with_full_forward_passes():
 
 # --- training, files, errors ---------------------------------------------------------------------
 @pytest.mark.parametrize("projection", [False, True])
-def test_short_training_run_lowers_the_loss_and_touches_only_the_prefix(projection):
+def test_short_training_run_lowers_the_loss_and_touches_only_the_prefix(projection, lm_losses):
     base = _tiny(initializer_range=0.1)  # weights of std 0.02 leave a random model too flat to steer
     model = PrefixTuningModel(base, PrefixConfig(num_virtual_tokens=4, prefix_projection=projection))
     frozen = {k: v.clone() for k, v in model.base.state_dict().items()}
     ids = torch.arange(10, 22).repeat(4, 1)  # one fixed sequence: something a prefix can steer towards
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    losses = []
-    model.train()
-    for _ in range(40):
-        loss = model(ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = lm_losses(model, ids, steps=40, lr=0.05)
     assert losses[-1] < losses[0] - 2.0, losses
     assert all(torch.equal(v, model.base.state_dict()[k]) for k, v in frozen.items())
 

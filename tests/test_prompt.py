@@ -186,7 +186,7 @@ def test_ptuning_lstm_lets_each_virtual_token_see_the_others():
 
 # --- training, files, errors ---------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["prompt", "ptuning-mlp", "ptuning-lstm"])
-def test_short_training_run_lowers_the_loss_and_touches_only_the_prompt(method):
+def test_short_training_run_lowers_the_loss_and_touches_only_the_prompt(method, lm_losses):
     base = _tiny(initializer_range=0.1)  # weights of std 0.02 leave a random model too flat to steer
     if method == "prompt":
         model = PromptTuningModel(base, PromptTuningConfig(num_virtual_tokens=4))
@@ -195,15 +195,7 @@ def test_short_training_run_lowers_the_loss_and_touches_only_the_prompt(method):
         model = apply_ptuning(base, PTuningConfig(num_virtual_tokens=4, encoder_reparameterization_type=kind))
     frozen = {k: v.clone() for k, v in model.base.state_dict().items()}
     ids = torch.arange(10, 22).repeat(4, 1)  # one fixed sequence to steer towards
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    losses = []
-    model.train()
-    for _ in range(40):
-        loss = model(ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = lm_losses(model, ids, steps=40, lr=0.05)
     assert losses[-1] < losses[0] - 2.0, losses
     assert all(torch.equal(v, model.base.state_dict()[k]) for k, v in frozen.items())
 
