@@ -550,23 +550,12 @@ def cpu_measure_child(cfg: dict, source: str = "config") -> dict:
     gc.collect()
     libc.malloc_trim(0)
     baseline = _rss_kib("VmRSS")
-    if source == "pretrained" and c.model == "smollm2-135m":
-        model = load_causal_lm()[0]
+    if source == "pretrained" and c.model == "smollm2-135m":  # the loaders copy the weights out of the
+        model = load_causal_lm()[0]  # mapped file (models.own_memory): RSS then counts what training keeps
     elif source == "pretrained" and c.model == "minilm-l6":
         model = load_classifier(num_labels=2)[0]
     else:
         model = build_from_config(get_model_config(c.model), task=c.task, num_labels=2)
-    # from_pretrained maps the safetensors file; the pages a step touches count in RSS, and they stay resident
-    # after QLoRA frees the fp32 weights, as long as any tensor (the embeddings) keeps the mapping alive. A
-    # trainer owns its weights: copy every tensor into process memory, then the file is unmapped.
-    with torch.no_grad():
-        for module in model.modules():
-            for p in module._parameters.values():
-                if p is not None:
-                    p.data = p.data.clone()
-            for name, b in module._buffers.items():
-                if b is not None:
-                    module._buffers[name] = b.clone()
     gc.collect()
     model = prepare_model(model, c)
     gc.collect()

@@ -123,6 +123,31 @@ def test_cpu_measurement_within_10_percent(method):
     assert estimate(cfg).total == pytest.approx(measured, rel=0.10), (estimate(cfg).total / GB, measured / GB)
 
 
+@pytest.mark.slow
+def test_quantizing_a_loaded_model_frees_its_fp32_memory():
+    """QLoRA on the CPU must lower the RSS: the loaders own their weights (a mapped file would stay resident)."""
+    import subprocess
+    import sys
+
+    code = """
+import ctypes, gc, torch
+from peftlab.memory import _rss_kib
+from peftlab.models import load_causal_lm
+from peftlab.quant import QuantConfig, model_nbytes, quantize_model
+libc = ctypes.CDLL("libc.so.6")
+libc.mallopt(-3, 64 * 1024)  # large frees go back to the OS at once
+model = load_causal_lm()[0]
+nbytes, rss = model_nbytes(model), _rss_kib("VmRSS")
+quantize_model(model, QuantConfig(compute_dtype=torch.float32), skip=("lm_head",))
+gc.collect(); libc.malloc_trim(0)
+print(nbytes - model_nbytes(model), (rss - _rss_kib("VmRSS")) * 1024)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    freed_tensors, freed_rss = map(int, out.split()[-2:])
+    assert freed_tensors > 300e6  # 106 M linear weights: fp32 -> NF4
+    assert freed_rss > 0.8 * freed_tensors, (freed_tensors, freed_rss)
+
+
 def test_cli_bad_model_lists_choices(capsys):
     assert main(["memory", "--model", "llama-9000b"]) == 2
     err = capsys.readouterr().err
