@@ -35,7 +35,7 @@ class TrainResult:
     accuracy: float | None = None  # on the evaluation set after training
     accuracy_before: float | None = None  # the same model before training
     seconds_per_step: float = 0.0
-    peak_memory_bytes: int = 0
+    peak_memory_bytes: int = 0  # during the training steps: GPU allocated, or the process's RSS on the CPU
     trainable: int = 0
     total: int = 0
 
@@ -47,12 +47,29 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def reset_peak_memory(device: torch.device | str | None = None) -> None:
+    """Start a new peak: loading a model can peak higher than training it (copies, a mapped checkpoint)."""
+    device = torch.device(device or default_device())
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:  # Linux: "5" resets VmHWM to the current RSS
+            f.write("5")
+    except OSError:  # elsewhere ru_maxrss cannot be reset: the peak then includes loading
+        pass
+
+
 def peak_memory_bytes(device: torch.device | str | None = None) -> int:
-    """Peak allocated GPU memory on CUDA, else this process's peak RSS (Linux reports KiB)."""
+    """Peak allocated GPU memory on CUDA, else this process's peak RSS since :func:`reset_peak_memory`."""
     device = torch.device(device or default_device())
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux, never reset
 
 
 def make_loader(dataset, tokenizer, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
@@ -108,6 +125,7 @@ def train(model: nn.Module, train_loader: DataLoader, eval_loader: DataLoader | 
     model.train()
     batches = iter(train_loader)
     bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
+    reset_peak_memory(device)
     start = time.perf_counter()
     for _ in bar:
         try:

@@ -1,6 +1,7 @@
 """Exercise 2.4's experiment at small scale: LoRA training beats the untrained model, in isolation."""
 
 import pytest
+import torch
 
 from peftlab.experiments import METHODS, check_method, compare, finetune, table_rows, verdict, write_report
 from peftlab.train import run_isolated
@@ -20,6 +21,21 @@ def test_run_isolated_returns_the_value_and_reports_failures():
     assert run_isolated("json:dumps", obj=[1, 2]) == "[1, 2]"
     with pytest.raises(RuntimeError, match="(?s)failed in its subprocess.*JSONDecodeError"):
         run_isolated("json:loads", s="{")
+
+
+def test_peak_memory_restarts_after_reset():
+    """train() reports the peak of its steps, not of loading (which can copy the whole model once)."""
+    import sys
+
+    from peftlab.train import peak_memory_bytes, reset_peak_memory
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the CPU peak is resettable on Linux only (/proc/self/clear_refs)")
+    big = torch.ones(50_000_000)  # 200 MB, touched; a block this large is returned to the OS when freed
+    high = peak_memory_bytes("cpu")
+    del big
+    reset_peak_memory("cpu")
+    assert peak_memory_bytes("cpu") < high - 150e6
 
 
 def test_unknown_method():
