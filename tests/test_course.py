@@ -204,6 +204,14 @@ MUTANTS = [  # (assignment, cell, old, new or None for a whole-cell replacement,
 ]
 
 
+def mutate(source: str, old: str | None, new: str, cell_id: str) -> str:
+    """A plausible wrong answer: ``old`` replaced by ``new`` in a solution cell's source (``old=None``: all of it)."""
+    if old is None:
+        return new
+    assert old in source, f"mutation target {old!r} not in cell {cell_id}"
+    return source.replace(old, new)
+
+
 def _lora_layer_shapes_swapped(source: str) -> str:
     for old, new in [("torch.empty(r, k, **like)", "torch.empty(k, r, **like)"),
                      ("torch.zeros(d, r, **like)", "torch.zeros(r, d, **like)"),
@@ -220,13 +228,7 @@ def test_plausible_wrong_answer_loses_points(mutant):
     name, cell_id, old, new, must_fail = mutant
     nb = solution_nb(name)
     source = next(c.source for c in nb.cells if c.id == cell_id)
-    if old == "swap":
-        source = _lora_layer_shapes_swapped(source)
-    elif old is None:
-        source = new
-    else:
-        assert old in source, f"mutation target {old!r} not in cell {cell_id}"
-        source = source.replace(old, new)
+    source = _lora_layer_shapes_swapped(source) if old == "swap" else mutate(source, old, new, cell_id)
     results = run_graded(nb, replace={cell_id: source})
     points = graded_cells(nb)
     assert not results[must_fail], f"{must_fail} still passes"

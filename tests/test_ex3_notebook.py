@@ -172,12 +172,7 @@ MUTANTS = [  # (cell, old, new or None for a whole-cell replacement, the check t
 def test_plausible_wrong_answer_loses_points(mutant):
     cell_id, old, new, must_fail = mutant
     nb = solution_nb(NAME)
-    source = next(c.source for c in nb.cells if c.id == cell_id)
-    if old is None:
-        source = new
-    else:
-        assert old in source, f"mutation target {old!r} not in cell {cell_id}"
-        source = source.replace(old, new)
+    source = _course.mutate(next(c.source for c in nb.cells if c.id == cell_id), old, new, cell_id)
     results = run_graded(nb, replace={cell_id: source})
     points = graded_cells(nb)
     assert not results[must_fail], f"{must_fail} still passes"

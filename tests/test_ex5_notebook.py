@@ -227,12 +227,7 @@ def test_plausible_wrong_answer_loses_points(mutant):
     tc = _course_helpers()
     cell_id, old, new, must_fail = mutant
     nb = solution_nb()
-    source = next(c.source for c in nb.cells if c.id == cell_id)
-    if old is None:
-        source = new
-    else:
-        assert old in source, f"mutation target {old!r} not in cell {cell_id}"
-        source = source.replace(old, new)
+    source = tc.mutate(next(c.source for c in nb.cells if c.id == cell_id), old, new, cell_id)
     results = tc.run_graded(nb, replace={cell_id: source})
     points = tc.graded_cells(nb)
     if must_fail is None:  # a harmless variant keeps full marks
