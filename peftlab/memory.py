@@ -170,12 +170,11 @@ def _meta_model(cfg: MemoryConfig) -> nn.Module:
     return build_from_config(get_model_config(cfg.model), task=cfg.task, device="meta")
 
 
-def _lora_targets(model: nn.Module, cfg: MemoryConfig) -> list[str]:
+def _lora_targets(model_type: str, cfg: MemoryConfig) -> list[str]:
     from .lora import DEFAULT_TARGETS
 
     if cfg.target_modules:
         return list(cfg.target_modules)
-    model_type = model.config.model_type
     if model_type not in DEFAULT_TARGETS:
         raise ValueError(f"give target_modules for model_type {model_type!r}")
     return DEFAULT_TARGETS[model_type]
@@ -194,7 +193,7 @@ def count_params(cfg: MemoryConfig) -> dict:
     >>> c["trainable"]  # 2 layers x (q: 4*(64+64) + v: 4*(64+32))
     1792
     """
-    from .adapters import AdapterLayer
+    from .adapters import AdapterConfig, AdapterLayer
     from .inject import matches
     from .lora import LoraLinear
 
@@ -210,14 +209,14 @@ def count_params(cfg: MemoryConfig) -> dict:
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
     n_all = sum(p.numel() for p in model.parameters())
-    lora_modules = sum(isinstance(m, LoraLinear) for m in model.modules())
-    if cfg.method in ("lora", "qlora") and not lora_modules:
-        raise ValueError(f"target_modules {_lora_targets(model, cfg)} matched no linear layer of {cfg.model}")
+    lora_modules = sum(isinstance(m, LoraLinear) for m in model.modules())  # apply_lora refused zero matches
     sites = sum(isinstance(m, AdapterLayer) for m in model.modules())
-    n_layers, d = model_config(model).num_hidden_layers, model_config(model).hidden_size
+    arch = model_config(model)
+    n_layers, d = arch.num_hidden_layers, arch.hidden_size
     return dict(params=total, trainable=n_trainable, frozen=n_all - n_trainable - quantized, quantized=quantized,
                 head=head, lora_modules=lora_modules, adapters_per_layer=sites // n_layers,
-                bottleneck=max(1, d // cfg.reduction_factor), max_param=max(p.numel() for p in trainable))
+                bottleneck=AdapterConfig(reduction_factor=cfg.reduction_factor).size(d),
+                max_param=max(p.numel() for p in trainable))
 
 
 def model_config(model: nn.Module):
@@ -239,7 +238,7 @@ def llama_layer_activations(arch, cfg: MemoryConfig, counts: dict) -> dict:
     kv = getattr(arch, "num_key_value_heads", heads) * (d // heads)
     full = cfg.method == "full"
     lora = cfg.method in ("lora", "qlora")
-    targets = _lora_targets(_meta_model(cfg), cfg) if lora else []
+    targets = _lora_targets(arch.model_type, cfg) if lora else []
 
     def reads(*names: str) -> int:  # does any of these linears keep its input for backward?
         return int(full or any(n in targets for n in names))
@@ -285,7 +284,7 @@ def bert_layer_activations(arch, cfg: MemoryConfig, counts: dict, seq: int) -> d
     d, ff, heads = arch.hidden_size, arch.intermediate_size, arch.num_attention_heads
     full = cfg.method == "full"
     lora = cfg.method in ("lora", "qlora")
-    targets = _lora_targets(_meta_model(cfg), cfg) if lora else []
+    targets = _lora_targets(arch.model_type, cfg) if lora else []
     qkv_in = int(full or any(t in targets for t in ("query", "key", "value")))
     # A prefix lengthens the keys and values (and the score rows) to P + T; the queries stay T.
     kv_len = seq + cfg.num_virtual_tokens if cfg.method == "prefix" else seq
@@ -443,7 +442,8 @@ def prepare_model(model: nn.Module, cfg: MemoryConfig, quant_backend: str | None
     elif cfg.method in ("lora", "qlora"):
         from .lora import LoraConfig, apply_lora
 
-        apply_lora(model, LoraConfig(r=cfg.r, lora_alpha=2 * cfg.r, target_modules=_lora_targets(model, cfg)))
+        targets = _lora_targets(model.config.model_type, cfg)
+        apply_lora(model, LoraConfig(r=cfg.r, lora_alpha=2 * cfg.r, target_modules=targets))
         if cfg.method == "qlora" and quantize:
             _quantize_frozen_linears(model, quant_backend)
     elif cfg.method in ("houlsby", "pfeiffer"):
@@ -517,11 +517,6 @@ def train_steps(model: nn.Module, cfg: MemoryConfig, steps: int = 2, reset=None)
             reset()
 
 
-def _rss_kib(field_name: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field_name))
-
-
 def cpu_measure_child(cfg: dict, source: str = "config") -> dict:
     """Run in a fresh process (via ``train.run_isolated``): peak RSS of training steps minus the baseline.
 
@@ -538,6 +533,7 @@ def cpu_measure_child(cfg: dict, source: str = "config") -> dict:
     import transformers  # noqa: F401  (part of the baseline)
 
     from .models import build_from_config, load_causal_lm, load_classifier
+    from .train import reset_peak_memory, rss_kib
 
     c = MemoryConfig(**cfg)
     # A tiny model of the same family, trained one step, loads every module the real run needs (modeling
@@ -549,7 +545,7 @@ def cpu_measure_child(cfg: dict, source: str = "config") -> dict:
     del tiny
     gc.collect()
     libc.malloc_trim(0)
-    baseline = _rss_kib("VmRSS")
+    baseline = rss_kib("VmRSS")
     if source == "pretrained" and c.model == "smollm2-135m":  # the loaders copy the weights out of the
         model = load_causal_lm()[0]  # mapped file (models.own_memory): RSS then counts what training keeps
     elif source == "pretrained" and c.model == "minilm-l6":
@@ -560,11 +556,10 @@ def cpu_measure_child(cfg: dict, source: str = "config") -> dict:
     model = prepare_model(model, c)
     gc.collect()
     libc.malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM): loading may have peaked higher
-        f.write("5")
-    loaded = _rss_kib("VmRSS")
+    reset_peak_memory("cpu")  # VmHWM: loading may have peaked higher
+    loaded = rss_kib("VmRSS")
     train_steps(model, c, steps=2)
-    peak = _rss_kib("VmHWM")
+    peak = rss_kib("VmHWM")
     return dict(peak_bytes=(peak - baseline) * 1024, loaded_bytes=(loaded - baseline) * 1024,
                 baseline_bytes=baseline * 1024)
 

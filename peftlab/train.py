@@ -60,14 +60,19 @@ def reset_peak_memory(device: torch.device | str | None = None) -> None:
         pass
 
 
+def rss_kib(field_name: str) -> int:
+    """A memory figure of this process from Linux's /proc/self/status, in KiB (``VmRSS``, ``VmHWM``: its peak)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field_name))
+
+
 def peak_memory_bytes(device: torch.device | str | None = None) -> int:
     """Peak allocated GPU memory on CUDA, else this process's peak RSS since :func:`reset_peak_memory`."""
     device = torch.device(device or default_device())
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+        return rss_kib("VmHWM") * 1024
     except (OSError, StopIteration):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux, never reset
 

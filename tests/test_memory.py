@@ -131,16 +131,16 @@ def test_quantizing_a_loaded_model_frees_its_fp32_memory():
 
     code = """
 import ctypes, gc, torch
-from peftlab.memory import _rss_kib
+from peftlab.train import rss_kib
 from peftlab.models import load_causal_lm
 from peftlab.quant import QuantConfig, model_nbytes, quantize_model
 libc = ctypes.CDLL("libc.so.6")
 libc.mallopt(-3, 64 * 1024)  # large frees go back to the OS at once
 model = load_causal_lm()[0]
-nbytes, rss = model_nbytes(model), _rss_kib("VmRSS")
+nbytes, rss = model_nbytes(model), rss_kib("VmRSS")
 quantize_model(model, QuantConfig(compute_dtype=torch.float32), skip=("lm_head",))
 gc.collect(); libc.malloc_trim(0)
-print(nbytes - model_nbytes(model), (rss - _rss_kib("VmRSS")) * 1024)
+print(nbytes - model_nbytes(model), (rss - rss_kib("VmRSS")) * 1024)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     freed_tensors, freed_rss = map(int, out.split()[-2:])
