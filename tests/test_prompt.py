@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from upstream import hf_peft_generate_ignores_cache
 
 from peftlab.inject import count_parameters
 from peftlab.models import ARCH_CONFIGS, build_from_config, cache_dir
@@ -109,7 +110,23 @@ def test_causal_lm_loss_ignores_the_virtual_positions():
         torch.testing.assert_close(out.loss, theirs(input_ids=ids, labels=ids).loss)
 
 
+def _greedy(model, ids, steps):
+    """Greedy decoding by definition: no cache, the whole sequence again at every step."""
+    x = ids
+    with torch.no_grad():
+        for _ in range(steps):
+            x = torch.cat([x, model(x, attention_mask=torch.ones_like(x)).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return x
+
+
+def test_generate_equals_greedy_decoding_with_full_forward_passes():
+    ours, _ = _pair(_tiny(), "CAUSAL_LM")
+    ids, _ = _batch()
+    assert torch.equal(ours.generate(ids, max_new_tokens=6, do_sample=False), _greedy(ours, ids, 6))
+
+
 @pytest.mark.parametrize("kwargs", [dict(), dict(num_beams=3, num_return_sequences=2)])
+@hf_peft_generate_ignores_cache
 def test_generate_matches_hf_peft(kwargs):
     ours, theirs = _pair(_tiny(), "CAUSAL_LM")
     ids, mask = _batch()
@@ -248,7 +265,7 @@ def test_clear_errors_for_misuse():
     model = PromptTuningModel(_tiny(), PromptTuningConfig(num_virtual_tokens=2))
     with pytest.raises(ValueError, match="already has a soft prompt"):
         PromptTuningModel(model, PromptTuningConfig())
-    with pytest.raises(ValueError, match="position_ids and past_key_values are not supported"):
+    with pytest.raises(ValueError, match="position_ids and a cache \\(past_key_values\\) are not supported"):
         model(torch.tensor([[1, 2]]), position_ids=torch.tensor([[0, 1]]))
     with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
         model()
@@ -287,6 +304,7 @@ def test_text_init_on_smollm2_equals_hf_peft(smollm2):
 
 
 @pytest.mark.slow
+@hf_peft_generate_ignores_cache
 def test_smollm2_logits_and_generation_match_hf_peft(smollm2):
     model, tok = smollm2
     ours, theirs = _pair(model, "CAUSAL_LM", P=8)
@@ -298,6 +316,7 @@ def test_smollm2_logits_and_generation_match_hf_peft(smollm2):
     assert g_ours.shape == (2, batch["input_ids"].shape[1] + 5)
     # Unpadded, HF peft generates the same tokens; left-padded, our row equals the row alone.
     first = tok(["The capital of France is"], return_tensors="pt")
+    assert torch.equal(g_ours[:1], _greedy(ours, first["input_ids"], 5))  # by definition
     assert torch.equal(g_ours[:1], theirs.generate(**first, max_new_tokens=5, do_sample=False))
     alone = ours.generate(**tok(["Hi"], return_tensors="pt"), max_new_tokens=5, do_sample=False)
     assert torch.equal(g_ours[1, -alone.shape[1]:], alone[0])
