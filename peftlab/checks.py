@@ -89,8 +89,9 @@ def _fmt(x) -> str:
 def _call(what: str, fn: Callable, *args, **kwargs):
     """Call student code; turn an exception into an AssertionError that says which call failed.
 
-    Warnings are silenced: nbgrader scores a check cell that writes to stderr as failed, and library
-    deprecation warnings are not the student's fault.
+    Warnings are silenced to keep the report readable (library deprecations are not the student's fault).
+    They could not cost points anyway: the grader scores a check cell by its verdict, not by its stderr
+    (``autograde/preprocessors.py``).
     """
     try:
         with warnings.catch_warnings():

@@ -35,8 +35,15 @@ def read_lock(path: Path = LOCK) -> dict[str, str]:
 
 
 def installed_versions() -> dict[str, str]:
-    """``{name: version}`` of every distribution this interpreter sees."""
-    return {_normal(d.metadata["Name"]): d.version for d in importlib.metadata.distributions() if d.metadata["Name"]}
+    """``{name: version}`` of every distribution this interpreter imports: the first of each name on ``sys.path``,
+    as ``importlib.metadata.version`` resolves it (vendored copies further down, e.g. setuptools/_vendor, don't count).
+    """
+    out: dict[str, str] = {}
+    for dist in importlib.metadata.distributions():
+        name = dist.metadata["Name"]
+        if name:
+            out.setdefault(_normal(name), dist.version)
+    return out
 
 
 def lock_differences(pins: dict[str, str], have: dict[str, str], skip: set[str] = frozenset()) -> list[str]:

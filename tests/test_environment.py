@@ -71,6 +71,20 @@ def test_installed_environment_matches_the_lock():
     assert diffs == []
 
 
+def test_vendored_copies_further_down_sys_path_do_not_count(monkeypatch):
+    """setuptools vendors its own packaging and wheel (other versions); once its _vendor folder is on sys.path
+    (some imports put it there), what imports is still the first copy: the one the lock pinned."""
+    import setuptools
+
+    vendor = Path(setuptools.__file__).parent / "_vendor"
+    monkeypatch.setattr(sys, "path", [*sys.path, str(vendor)])
+    versions = installed_versions()
+    import importlib.metadata
+
+    for name in ("packaging", "wheel"):
+        assert versions[name] == importlib.metadata.version(name)
+
+
 def test_envcheck_warns_and_strict_fails_on_lock_drift(tmp_path):
     """A package at another version than the lock: a warning (exit 0), an error under --strict (exit 1)."""
     pins = read_lock(LOCK)
