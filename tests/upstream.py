@@ -46,7 +46,8 @@ hf_peft_generate_ignores_cache = pytest.mark.xfail(
 # (right); so do the CUDA builds of the library (no AVX512 code). The packed bytes and absmax are right. Found on
 # an Intel Xeon (AVX512) with torch 2.11 and 2.13: 2,284 of 2,292 predicted cases wrong (the rest had equal
 # absmax in both blocks), none outside the condition, in 18,144 (shape, blocksize, type, dtype) combinations; an
-# AMD EPYC without AVX512 is never wrong. bitsandbytes' NEON branch already guards against exactly this.
+# AMD EPYC without AVX512 is never wrong (benchmarks/results/bnb_cpu_dequant_fault.json). bitsandbytes' NEON
+# branch already guards against exactly this.
 def cpu_has_avx512f() -> bool:
     try:
         with open("/proc/cpuinfo") as f:
