@@ -19,14 +19,10 @@ from __future__ import annotations
 
 from nbconvert.preprocessors import Preprocessor
 from nbformat.v4 import new_output
+from nbgrader.utils import is_grade
 from traitlets import Bool
 
 PREFIX = "[stderr] "
-
-
-def is_grade_code_cell(cell) -> bool:
-    meta = cell.get("metadata", {}).get("nbgrader", {})
-    return cell.get("cell_type") == "code" and bool(meta.get("grade"))
 
 
 def relabel(text: str) -> str:
@@ -44,7 +40,7 @@ class StderrIsNotAVerdict(Preprocessor):
     enabled = Bool(True, help="on by default (nbconvert's preprocessors are off unless enabled)").tag(config=True)
 
     def preprocess_cell(self, cell, resources, index):
-        if is_grade_code_cell(cell):
+        if cell.cell_type == "code" and is_grade(cell):
             outputs = []
             for out in cell.get("outputs", []):
                 if out.get("output_type") == "stream" and out.get("name") == "stderr":

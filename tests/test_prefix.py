@@ -149,12 +149,12 @@ def test_padded_positions_stay_masked():
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(num_beams=3, num_return_sequences=2)])
 @hf_peft_generate_ignores_cache
-def test_generate_matches_hf_peft(kwargs):
+def test_generate_matches_hf_peft(kwargs, greedy):
     ours, theirs = _pair(_tiny(), "CAUSAL_LM")
     ids, mask = _batch()
     a = ours.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, **kwargs)
     if not kwargs:  # greedy: the definition (full forward passes, no cache) first, then HF peft
-        assert torch.equal(a[1:], _greedy(ours, ids[1:], 6))
+        assert torch.equal(a[1:], greedy(ours, ids[1:], 6))
     b = theirs.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, **kwargs)
     assert a.shape == (2 * kwargs.get("num_return_sequences", 1), 7 + 6)
     assert torch.equal(a, b)
@@ -168,19 +168,10 @@ def test_left_padded_row_generates_what_it_generates_alone():
     assert torch.equal(batched[0, 2:], alone[0])
 
 
-def _greedy(model, ids, steps):
-    """Greedy decoding by definition: no cache, the whole sequence again at every step."""
-    x = ids
-    with torch.no_grad():
-        for _ in range(steps):
-            x = torch.cat([x, model(x).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return x
-
-
-def test_generate_equals_greedy_decoding_with_full_forward_passes():
+def test_generate_equals_greedy_decoding_with_full_forward_passes(greedy):
     ours, _ = _pair(_tiny(), "CAUSAL_LM")
     ids = torch.randint(3, 256, (1, 5))
-    assert torch.equal(ours.generate(ids, max_new_tokens=6, do_sample=False), _greedy(ours, ids, 6))
+    assert torch.equal(ours.generate(ids, max_new_tokens=6, do_sample=False), greedy(ours, ids, 6))
 
 
 # --- training, files, errors ---------------------------------------------------------------------
@@ -268,7 +259,7 @@ def test_clear_errors_for_misuse():
 # --- the real offline models (transformers 5.23.0, peft 0.21.2) ----------------------------------
 @pytest.mark.slow
 @hf_peft_generate_ignores_cache
-def test_smollm2_logits_and_generation_match_hf_peft(smollm2):
+def test_smollm2_logits_and_generation_match_hf_peft(smollm2, greedy):
     model, tok = smollm2
     ours, theirs = _pair(model, "CAUSAL_LM", P=8)
     tok.padding_side = "left"
@@ -280,7 +271,7 @@ def test_smollm2_logits_and_generation_match_hf_peft(smollm2):
     g_ours = ours.generate(**batch, max_new_tokens=5, do_sample=False)
     assert g_ours.shape == (2, batch["input_ids"].shape[1] + 5)
     first = tok(["The capital of France is"], return_tensors="pt")["input_ids"]
-    assert torch.equal(g_ours[:1], _greedy(ours, first, 5))  # the unpadded row, by definition
+    assert torch.equal(g_ours[:1], greedy(ours, first, 5))  # the unpadded row, by definition
     g_theirs = theirs.generate(**batch, max_new_tokens=5, do_sample=False)
     assert torch.equal(g_ours, g_theirs)
 

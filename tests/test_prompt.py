@@ -110,19 +110,10 @@ def test_causal_lm_loss_ignores_the_virtual_positions():
         torch.testing.assert_close(out.loss, theirs(input_ids=ids, labels=ids).loss)
 
 
-def _greedy(model, ids, steps):
-    """Greedy decoding by definition: no cache, the whole sequence again at every step."""
-    x = ids
-    with torch.no_grad():
-        for _ in range(steps):
-            x = torch.cat([x, model(x, attention_mask=torch.ones_like(x)).logits[:, -1].argmax(-1, keepdim=True)], 1)
-    return x
-
-
-def test_generate_equals_greedy_decoding_with_full_forward_passes():
+def test_generate_equals_greedy_decoding_with_full_forward_passes(greedy):
     ours, _ = _pair(_tiny(), "CAUSAL_LM")
     ids, _ = _batch()
-    assert torch.equal(ours.generate(ids, max_new_tokens=6, do_sample=False), _greedy(ours, ids, 6))
+    assert torch.equal(ours.generate(ids, max_new_tokens=6, do_sample=False), greedy(ours, ids, 6))
 
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(num_beams=3, num_return_sequences=2)])
@@ -305,7 +296,7 @@ def test_text_init_on_smollm2_equals_hf_peft(smollm2):
 
 @pytest.mark.slow
 @hf_peft_generate_ignores_cache
-def test_smollm2_logits_and_generation_match_hf_peft(smollm2):
+def test_smollm2_logits_and_generation_match_hf_peft(smollm2, greedy):
     model, tok = smollm2
     ours, theirs = _pair(model, "CAUSAL_LM", P=8)
     tok.padding_side = "left"
@@ -316,7 +307,7 @@ def test_smollm2_logits_and_generation_match_hf_peft(smollm2):
     assert g_ours.shape == (2, batch["input_ids"].shape[1] + 5)
     # Unpadded, HF peft generates the same tokens; left-padded, our row equals the row alone.
     first = tok(["The capital of France is"], return_tensors="pt")
-    assert torch.equal(g_ours[:1], _greedy(ours, first["input_ids"], 5))  # by definition
+    assert torch.equal(g_ours[:1], greedy(ours, first["input_ids"], 5))  # by definition
     assert torch.equal(g_ours[:1], theirs.generate(**first, max_new_tokens=5, do_sample=False))
     alone = ours.generate(**tok(["Hi"], return_tensors="pt"), max_new_tokens=5, do_sample=False)
     assert torch.equal(g_ours[1, -alone.shape[1]:], alone[0])
