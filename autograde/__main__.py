@@ -2,6 +2,6 @@
 
 import sys
 
-from peftlab.course import main
+from autograde.pipeline import main
 
 sys.exit(main())

@@ -34,9 +34,9 @@ warnings.filterwarnings("ignore")  # bitsandbytes' import and per-call int8 cast
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from peftlab.experiments.instruct import INSTRUCTIONS, LLAMA_TARGETS, collate, tokenize_chat  # noqa: E402
 from peftlab.lora import LoraConfig, apply_lora  # noqa: E402
 from peftlab.models import build_from_config  # noqa: E402
-from peftlab.qlora import INSTRUCTIONS, LLAMA_TARGETS, collate, tokenize_chat  # noqa: E402
 from peftlab.quant import QuantConfig, quantize_model  # noqa: E402
 
 FORMATS = ("fp32", "bf16", "int8", "nf4", "nf4-dq")

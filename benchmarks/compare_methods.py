@@ -2,7 +2,7 @@
 
 Full fine-tuning, LoRA, Houlsby and Pfeiffer adapters, prefix tuning, prompt tuning, IA3 and BitFit
 each train for ``--steps`` AdamW steps on the same examples in the same order, every run in its own
-subprocess (so peak memory is per method). The work is ``peftlab.experiments.compare`` (the same as
+subprocess (so peak memory is per method). The work is ``peftlab.experiments.compare()`` (the same as
 ``peftlab compare --methods all``); this script only sets the defaults of the full study. Reported:
 trainable parameters (as HF peft counts them, task head included, and without the head), validation
 accuracy before and after, seconds per step, peak memory and the size of the file a user must keep
@@ -24,7 +24,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from peftlab.cli_compare import add_arguments, run  # noqa: E402
+from peftlab.experiments.cli_compare import add_arguments, run  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from peftlab.course import assignments  # noqa: E402
+from autograde.pipeline import assignments  # noqa: E402
 
 
 def execute(path: Path, grading: bool) -> float:

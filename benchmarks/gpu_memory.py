@@ -1,4 +1,4 @@
-"""GPU ladder: measured peak memory (``torch.cuda.max_memory_allocated``) of one training step vs peftlab.memory.
+"""GPU ladder: measured peak memory (``max_memory_allocated``) of a training step vs peftlab.experiments.memory.
 
 Models are built on the GPU from real configs with random bf16 weights (values do not matter for memory).
 For each model, method (full, LoRA, QLoRA with peftlab's Linear4bit and with bitsandbytes, Houlsby and
@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-from peftlab.memory import GB, MemoryConfig, estimate, measure_gpu  # noqa: E402
+from peftlab.experiments.memory import GB, MemoryConfig, estimate, measure_gpu  # noqa: E402
 
 LADDER = ["smollm2-135m", "smollm2-360m", "llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b", "llama-13b"]
 METHODS = [("full", None), ("lora", None), ("qlora", "peftlab"), ("qlora", "bnb"), ("houlsby", None),

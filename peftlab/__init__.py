@@ -1,6 +1,6 @@
 """peftlab: parameter-efficient fine-tuning (LoRA, adapters, prefix/prompt tuning, QLoRA) from scratch."""
 
-from . import adapters
+from . import _renamed, adapters
 from .adapters import AdapterConfig, BottleneckAdapter, apply_adapters, disable_adapters, multitask_demo
 from .bitfit import apply_bitfit
 from .export import export_onnx, merged_copy, run_onnx
@@ -23,6 +23,8 @@ from .prefix import PrefixConfig, PrefixTuningModel, load_prefix, save_prefix
 from .prompt import PromptTuningConfig, PromptTuningModel, load_prompt, save_prompt
 from .ptuning import PromptEncoder, PTuningConfig, apply_ptuning
 from .quant import Linear4bit, QuantConfig, dequantize_nf4, nf4_codebook, quantize_model, quantize_nf4
+
+_renamed.install()  # peftlab.checks_ex3, peftlab.memory, ...: the names of earlier releases
 
 __version__ = "0.1.0"
 __all__ = [

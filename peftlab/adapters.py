@@ -348,7 +348,7 @@ def multitask_demo(steps: int = 60, limit: int = 600, batch_size: int = 16, out_
     Saves each adapter alone, reloads both into a fresh base model and checks that its accuracy
     per task equals the trained model's. Returns sizes and accuracies per task.
 
-    Usage (about a minute on a CPU; ``tests/test_adapters.py`` runs it)::
+    Usage (about a minute on a CPU; ``tests/methods/test_adapters.py`` runs it)::
 
         result = multitask_demo(steps=10, limit=60)
     """

@@ -47,7 +47,7 @@ def export_onnx(model: nn.Module, path, example: dict[str, torch.Tensor], opset:
 
     ``example`` is a tokenizer output (``input_ids`` and ``attention_mask``) used to trace the graph.
 
-    Usage (``tests/test_export.py`` runs it on MiniLM-L6)::
+    Usage (``tests/methods/test_export.py`` runs it on MiniLM-L6)::
 
         path = export_onnx(model, "model.onnx", tokenizer(["hi"], return_tensors="pt"))
     """

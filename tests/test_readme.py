@@ -37,7 +37,7 @@ def test_make_targets_in_readme_exist():
 def test_peftlab_commands_in_readme_parse():
     import shlex
 
-    from peftlab.cli import build_parser
+    from peftlab.experiments.cli import build_parser
 
     commands = re.findall(r"`(peftlab [^`]+)`", README)
     assert commands

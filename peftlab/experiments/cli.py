@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # Modules that add a sub-command: each defines ``add_cli(subparsers)`` setting ``func`` on its parser.
-SUBCOMMAND_MODULES = ["peftlab.cli_compare", "peftlab.memory"]
+SUBCOMMAND_MODULES = ["peftlab.experiments.cli_compare", "peftlab.experiments.memory"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,7 @@ from traitlets.config import Config
 
 from autograde.preprocessors import StderrIsNotAVerdict
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _grade_cell(outputs, grade_id="check"):

@@ -2,7 +2,7 @@
 
 The solution cells are executed here, outside Jupyter, in a namespace named ``__main__`` (as in a kernel):
 - drift: on random inputs the notebook's ``PrefixKV``/``prefix_forward`` and ``SoftPrompt`` give the logits of
-  peftlab's ``PrefixTuningModel`` / ``PromptTuningModel`` (which equal HF peft's, tests/test_prefix.py);
+  peftlab's ``PrefixTuningModel`` / ``PromptTuningModel`` (which equal HF peft's, tests/methods/test_prefix.py);
 - the grade cells (visible and hidden tests) pass on the solutions, fail on the released stubs, and fail on
   plausible wrong implementations (GQA ignored, keys/values swapped, mask on the wrong side, positions from 0, ...);
 - points: every grade cell has points and the header's totals are their sums; every syllabus item 4.1-4.6 has a cell.
@@ -19,7 +19,7 @@ from peftlab.models import build_from_config
 from peftlab.prefix import PrefixConfig, PrefixTuningModel
 from peftlab.prompt import PromptTuningConfig, PromptTuningModel
 
-NOTEBOOK = Path(__file__).resolve().parent.parent / "solutions" / "ex4_prefix_prompt" / "ex4_prefix_prompt.ipynb"
+NOTEBOOK = Path(__file__).resolve().parents[2] / "solutions" / "ex4_prefix_prompt" / "ex4_prefix_prompt.ipynb"
 GRADED = ["prefix_kv", "extend_mask", "prefix_forward", "soft_prompt"]
 
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from peftlab.experiments.instruct import INSTRUCTIONS, collate, keep_layers, qlora_finetune, tokenize_chat
 from peftlab.lora import lora_layers
-from peftlab.qlora import INSTRUCTIONS, collate, keep_layers, qlora_finetune, tokenize_chat
 from peftlab.quant import Linear4bit, QuantConfig, quantize_model
 
 

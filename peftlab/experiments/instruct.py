@@ -23,9 +23,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .inject import count_parameters
-from .lora import LoraConfig, apply_lora, lora_layers
-from .quant import (
+from ..inject import count_parameters
+from ..lora import LoraConfig, apply_lora, lora_layers
+from ..quant import (
     CODEBOOKS,
     Linear4bit,
     QuantConfig,
@@ -154,7 +154,7 @@ def qlora_finetune(model: nn.Module, tokenizer, examples: list[tuple[str, str]] 
     :func:`tokenize_chat`, or any ``input_ids``/``labels`` pairs) to skip the tokenizer. The
     4-bit weights never change: AdamW only sees the LoRA parameters.
 
-    Usage (``tests/test_qlora_finetune.py`` runs it on three layers of SmolLM2)::
+    Usage (``tests/experiments/test_qlora_finetune.py`` runs it on three layers of SmolLM2)::
 
         model, tok = load_causal_lm()
         res = qlora_finetune(model, tok, steps=10)

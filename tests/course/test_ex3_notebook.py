@@ -10,14 +10,14 @@ import pytest
 import torch
 from torch import nn
 
+from autograde.pipeline import PARTIAL, partial_submission
 from peftlab import adapters as ref
-from peftlab import checks_ex3
-from peftlab.course import PARTIAL, partial_submission
+from peftlab.checks import ex3 as checks_ex3
 from peftlab.inject import count_parameters
 from peftlab.models import build_from_config
 
 NAME = "ex3_adapters"
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # The pipeline's helpers (run the graded cells as the autograder does): reused, not copied. Tests run with
 # --import-mode=importlib, so tests/ is not on sys.path: load the module from its file.
 _spec = importlib.util.spec_from_file_location("_course_helpers", Path(__file__).with_name("test_course.py"))
@@ -25,7 +25,7 @@ _course = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_course)
 graded_cells, run_graded, solution_namespace, solution_nb = (_course.graded_cells, _course.run_graded,
                                                              _course.solution_namespace, _course.solution_nb)
-# The partly wrong sample submission (proposed for peftlab.course.PARTIAL; used from there once it is added):
+# The partly wrong sample submission (proposed for autograde.pipeline.PARTIAL; used from there once it is added):
 # set_adapter leaves every adapter trainable.
 PARTIAL_EX3 = PARTIAL.get(NAME) or {
     "edits": {"switch": [("adapter.requires_grad_(key == name)",
@@ -47,7 +47,7 @@ def ns():
 
 
 def _bert(dtype=torch.float32, **overrides):
-    return checks_ex3._bert("tiny-bert", dtype, **overrides)
+    return checks_ex3.bert_model("tiny-bert", dtype, **overrides)
 
 
 # --- no drift: the solution cells behave as peftlab.adapters ----------------------------------------
@@ -64,7 +64,7 @@ def test_adapter_module_matches_peftlab(ns, d, rf, act, ln, dtype):
     assert mine.state_dict().keys() == theirs.state_dict().keys()
     for key, value in theirs.state_dict().items():  # same construction order: same random draws
         assert torch.equal(mine.state_dict()[key], value), key
-    checks_ex3._randomize(theirs, seed=4)
+    checks_ex3.randomize(theirs, seed=4)
     mine.load_state_dict(theirs.state_dict())
     h = torch.randn(3, 5, d, dtype=dtype)
     with torch.no_grad():
@@ -84,9 +84,9 @@ def test_add_adapters_matches_peftlab(ns, placement, overrides):
     for n in names:  # same sites in the same order: the same random draws, then the same trained-looking weights
         assert torch.equal(mine.get_submodule(n).adapters["task"].down.weight,
                            theirs.get_submodule(n).adapters["task"].down.weight)
-        checks_ex3._randomize(theirs.get_submodule(n).adapters["task"], seed=6)
+        checks_ex3.randomize(theirs.get_submodule(n).adapters["task"], seed=6)
         mine.get_submodule(n).adapters["task"].load_state_dict(theirs.get_submodule(n).adapters["task"].state_dict())
-    x = checks_ex3._ids(mine)
+    x = checks_ex3.token_ids(mine)
     with torch.no_grad():
         torch.testing.assert_close(mine(**x).logits, theirs(**x).logits, rtol=0, atol=1e-6)
 
@@ -108,9 +108,9 @@ def test_set_adapter_matches_peftlab(ns):
         ref.apply_adapters(theirs, ref.AdapterConfig(placement=placement), name)
     for n, layer in ref.adapter_layers(theirs):
         for name, adapter in layer.adapters.items():
-            checks_ex3._randomize(adapter, seed=7)
+            checks_ex3.randomize(adapter, seed=7)
             mine.get_submodule(n).adapters[name].load_state_dict(adapter.state_dict())
-    x = checks_ex3._ids(mine)
+    x = checks_ex3.token_ids(mine)
     for name in ("sentiment", "topic", "sentiment"):
         ns["set_adapter"](mine, name)
         ref.set_adapter(theirs, name)
@@ -189,7 +189,7 @@ def test_solution_gets_every_point_and_the_stubs_none():
 
 
 def test_partial_submission_fails_exactly_the_expected_checks():
-    """The sample built by peftlab.course.partial_submission (as `python -m autograde release` builds it)."""
+    """The sample built by autograde.pipeline.partial_submission (as `python -m autograde release` builds it)."""
     nb = solution_nb(NAME)
     release = copy.deepcopy(nb)  # the solution cells are all replaced below, as in the real release
     example = partial_submission(nb, release, PARTIAL_EX3)
@@ -201,8 +201,8 @@ def test_partial_submission_fails_exactly_the_expected_checks():
     assert sorted(c for c, ok in results.items() if not ok) == PARTIAL_EX3["failing"]
 
 
-# The nbgrader round trip of this assignment (solution, untouched, partial) is tests/test_course.py's,
-# which grades every assignment listed in peftlab.course.PARTIAL.
+# The nbgrader round trip of this assignment (solution, untouched, partial) is tests/course/test_course.py's,
+# which grades every assignment listed in autograde.pipeline.PARTIAL.
 
 
 def test_checkers_reject_a_module_without_the_spec_names():

@@ -3,7 +3,7 @@
 Each checker builds a small real architecture (``tiny-llama``: grouped-query attention, 4 query heads
 sharing 2 key/value heads; ``tiny-bert``: a sequence classifier), copies the student's learned values
 into peftlab's :class:`~peftlab.prefix.PrefixTuningModel` or :class:`~peftlab.prompt.PromptTuningModel`
-(both equal HF peft's logits, see tests/test_prefix.py and tests/test_prompt.py) and compares logits.
+(both equal HF peft's logits, see tests/methods/test_prefix.py and tests/methods/test_prompt.py) and compares logits.
 Shapes come from the model's real module tree (``k_proj.out_features``), never from the student's code.
 
 References:
@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .checks import Report, _call, raised_by
+from .core import Report, call, raised_by
 
 TOKENS = ("Classify", "the", "sentiment", ":")
 
@@ -28,7 +28,7 @@ def _model(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.M
     """A small random model of a real architecture: a causal LM for Llama/GPT-2, a 3-way classifier for BERT."""
     from transformers.utils import logging
 
-    from .models import build_from_config
+    from ..models import build_from_config
 
     task = "classification" if "bert" in name else "causal_lm"
     verbosity = logging.get_verbosity()
@@ -72,7 +72,7 @@ def kv_layout(model: nn.Module) -> tuple[int, int, int]:
 
 def _student_prefix(cls: type, model: nn.Module, P: int, dtype: torch.dtype, seed: int = 1):
     torch.manual_seed(seed)
-    prefix = _call(f"{cls.__name__}(model.config, num_virtual_tokens={P})", cls, model.config, P)
+    prefix = call(f"{cls.__name__}(model.config, num_virtual_tokens={P})", cls, model.config, P)
     prefix = prefix.to(dtype)
     with torch.no_grad():  # a trained-looking prefix, the same for any init the student chose
         g = torch.Generator().manual_seed(seed)
@@ -82,7 +82,7 @@ def _student_prefix(cls: type, model: nn.Module, P: int, dtype: torch.dtype, see
 
 def _reference_prefix(model: nn.Module, values: torch.Tensor):
     """peftlab's PrefixTuningModel on a copy of ``model`` holding ``values`` (layers, 2, kv, P, hd)."""
-    from .prefix import PrefixConfig, PrefixTuningModel
+    from ..prefix import PrefixConfig, PrefixTuningModel
 
     L, _, kv, P, hd = values.shape
     ref = PrefixTuningModel(copy.deepcopy(model), PrefixConfig(num_virtual_tokens=P))
@@ -102,7 +102,7 @@ def check_prefix_kv(cls: type, name: str = "tiny-llama", P: int = 4, batch: int 
     with Report(f"{cls.__name__} on {name} ({L} layers, {kv} key/value heads of {hd}), P={P}, batch {batch}, "
                 f"{dtype}") as rep:
         torch.manual_seed(0)
-        prefix = _call(f"{cls.__name__}(model.config, num_virtual_tokens={P})", cls, model.config, P)
+        prefix = call(f"{cls.__name__}(model.config, num_virtual_tokens={P})", cls, model.config, P)
         p = getattr(prefix, "prefix", None)
         rep.expect("prefix.shape (layers, 2, kv_heads, P, head_dim)", (L, 2, kv, P, hd),
                    tuple(p.shape) if isinstance(p, torch.Tensor) else None)
@@ -114,7 +114,7 @@ def check_prefix_kv(cls: type, name: str = "tiny-llama", P: int = 4, batch: int 
         rep.expect("prefix is not all zeros (random init)", True, bool(p.detach().abs().sum() > 0))
         prefix = _student_prefix(cls, model, P, dtype)
         values = prefix.prefix.detach()
-        out = _call(f"prefix({batch})", prefix, batch)
+        out = call(f"prefix({batch})", prefix, batch)
         pairs = list(out) if isinstance(out, (list, tuple)) else []
         rep.expect("forward(batch_size) returns one (key, value) pair per layer", L, len(pairs))
         if len(pairs) != L:
@@ -130,7 +130,7 @@ def check_prefix_kv(cls: type, name: str = "tiny-llama", P: int = 4, batch: int 
         rep.close(f"layer {last} values = prefix[{last}, 1] for every row", values[last, 1].expand(batch, -1, -1, -1),
                   pairs[last][1], 0)
         rep.expect("dtype follows the prefix", dtype, k0.dtype)
-        out = _call(f"prefix({batch})", prefix, batch)
+        out = call(f"prefix({batch})", prefix, batch)
         total = sum(k.sum() + v.sum() for k, v in out)
         if total.requires_grad:
             total.backward()
@@ -141,7 +141,7 @@ def check_prefix_kv(cls: type, name: str = "tiny-llama", P: int = 4, batch: int 
 
 def check_gqa_shapes(cls: type, name: str = "smollm2-135m", P: int = 10) -> None:
     """On a real config (meta device; SmolLM2: keys are 3 heads x 64 = 192 wide, not hidden_size = 576)."""
-    from .models import build_from_config
+    from ..models import build_from_config
 
     task = "classification" if name.startswith(("minilm", "tiny-bert")) else "causal_lm"
     model = build_from_config(name, task=task, device="meta")
@@ -149,7 +149,7 @@ def check_gqa_shapes(cls: type, name: str = "smollm2-135m", P: int = 10) -> None
     c = model.config
     with Report(f"{cls.__name__} on {name}'s config: hidden {c.hidden_size}, {c.num_attention_heads} query heads, "
                 f"{kv} key/value heads of {hd}") as rep:
-        prefix = _call(f"{cls.__name__}(config, num_virtual_tokens={P})", cls, c, P)
+        prefix = call(f"{cls.__name__}(config, num_virtual_tokens={P})", cls, c, P)
         p = getattr(prefix, "prefix", None)
         rep.expect("prefix.shape (layers, 2, kv_heads, P, head_dim)", (L, 2, kv, P, hd),
                    tuple(p.shape) if isinstance(p, torch.Tensor) else None)
@@ -161,14 +161,14 @@ def check_extend_mask(fn: Callable, P: int = 3) -> None:
     """``fn(mask, P)``: P ones in front of every row, (B, T) -> (B, P + T), same dtype and device."""
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])
     with Report(f"extend_attention_mask(mask {tuple(mask.shape)}, P={P})") as rep:
-        got = _call("extend_attention_mask(mask, P)", fn, mask.clone(), P)
+        got = call("extend_attention_mask(mask, P)", fn, mask.clone(), P)
         expected = torch.cat([torch.ones(3, P, dtype=mask.dtype), mask], dim=1)
         rep.expect("shape (B, P + T)", tuple(expected.shape),
                    tuple(got.shape) if isinstance(got, torch.Tensor) else got)
         if isinstance(got, torch.Tensor) and got.shape == expected.shape:
             rep.expect("ones in front (the prefix), the original mask after it", expected.tolist(), got.tolist())
             rep.expect("dtype kept", mask.dtype, got.dtype)
-        f = _call("extend_attention_mask(float mask, 1)", fn, torch.ones(1, 2, dtype=torch.float64), 1)
+        f = call("extend_attention_mask(float mask, 1)", fn, torch.ones(1, 2, dtype=torch.float64), 1)
         rep.expect("float64 mask stays float64", torch.float64, getattr(f, "dtype", None))
 
 
@@ -188,13 +188,13 @@ def check_prefix_forward(cls: type, extend: Callable, forward: Callable, name: s
         with torch.no_grad():
             expected = ref(input_ids=ids, attention_mask=mask).logits
             plain = model(input_ids=ids, attention_mask=mask).logits
-            got = _call("prefix_forward(base, prefix, input_ids, attention_mask)", forward, model, prefix, ids, mask)
+            got = call("prefix_forward(base, prefix, input_ids, attention_mask)", forward, model, prefix, ids, mask)
             got = getattr(got, "logits", got)
             rep.close("logits vs peftlab.PrefixTuningModel with the same prefix", expected, got, atol)
             rep.expect("the prefix changes the logits", True,
                        isinstance(got, torch.Tensor) and got.shape == plain.shape
                        and bool((got - plain).abs().max() > 1e-4))
-            again = _call("prefix_forward a second time", forward, model, prefix, ids, mask)
+            again = call("prefix_forward a second time", forward, model, prefix, ids, mask)
             rep.close("a second call gives the same logits (a fresh cache per call)", expected,
                       getattr(again, "logits", again), atol)
 
@@ -208,7 +208,7 @@ def check_soft_prompt_init(cls: type, name: str = "tiny-llama", P: int = 5, init
     d = emb.embedding_dim
     with Report(f"{cls.__name__}(embedding {emb.num_embeddings} x {d}, P={P}) on {name}, {dtype}") as rep:
         torch.manual_seed(0)
-        soft = _call(f"{cls.__name__}(embedding, {P})", cls, emb, P)
+        soft = call(f"{cls.__name__}(embedding, {P})", cls, emb, P)
         p = getattr(soft, "prompt", None)
         rep.expect("prompt.shape (P, d)", (P, d), tuple(p.shape) if isinstance(p, torch.Tensor) else None)
         if not isinstance(p, torch.Tensor) or tuple(p.shape) != (P, d):
@@ -221,7 +221,7 @@ def check_soft_prompt_init(cls: type, name: str = "tiny-llama", P: int = 5, init
                    f"[{lo:.3f}, {hi:.3f}]", -0.5 <= lo and hi <= 0.5 and hi - lo > 0.2)
         rep.expect("dtype follows the embedding", dtype, p.dtype)
         ids = list(init_ids)
-        soft = _call(f"{cls.__name__}(embedding, {P}, init_ids={ids})", cls, emb, P, ids)
+        soft = call(f"{cls.__name__}(embedding, {P}, init_ids={ids})", cls, emb, P, ids)
         rows = (ids * P)[:P]  # the text's ids repeated until P are filled
         rep.close(f"text init: rows {rows} of the embedding table", emb.weight[rows].detach(), soft.prompt, 0)
         with torch.no_grad():
@@ -240,12 +240,12 @@ def check_soft_prompt_too_long(cls: type, P: int = 2, init_ids: tuple = (11, 42,
 def check_soft_prompt_forward(cls: type, name: str = "tiny-llama", P: int = 5, batch: int = 2, length: int = 6,
                               dtype: torch.dtype = torch.float32) -> None:
     """``soft(ids, mask)`` -> ``(inputs_embeds, mask)``; the base model's logits equal peftlab's PromptTuningModel."""
-    from .prompt import PromptTuningConfig, PromptTuningModel
+    from ..prompt import PromptTuningConfig, PromptTuningModel
 
     model = _model(name, dtype)
     emb = model.get_input_embeddings()
     torch.manual_seed(1)
-    soft = _call(f"{cls.__name__}(embedding, {P})", cls, emb, P)
+    soft = call(f"{cls.__name__}(embedding, {P})", cls, emb, P)
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():  # trained-looking values
         soft.prompt.copy_(torch.randn(soft.prompt.shape, generator=g, dtype=torch.float64).to(soft.prompt.dtype))
@@ -256,7 +256,7 @@ def check_soft_prompt_forward(cls: type, name: str = "tiny-llama", P: int = 5, b
     d = emb.embedding_dim
     atol = 1e-5 if dtype == torch.float32 else 1e-10
     with Report(f"{cls.__name__} forward on {name}, P={P}, ids {tuple(ids.shape)} (row 0 left-padded), {dtype}") as rep:
-        out = _call("soft_prompt(input_ids, attention_mask)", soft, ids, mask)
+        out = call("soft_prompt(input_ids, attention_mask)", soft, ids, mask)
         embeds, new_mask = out if isinstance(out, (tuple, list)) and len(out) == 2 else (out, None)
         rep.expect("inputs_embeds shape (B, P + T, d)", (batch, P + length, d),
                    tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else None)

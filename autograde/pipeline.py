@@ -255,7 +255,7 @@ def validate(notebook: Path, timeout: int = 300) -> int:
     """
     if not notebook.exists():
         raise ValueError(f"{notebook} does not exist")
-    code, log = _run([sys.executable, "-m", "peftlab.course", "_validate", str(notebook.resolve()), str(timeout)],
+    code, log = _run([sys.executable, "-m", "autograde.pipeline", "_validate", str(notebook.resolve()), str(timeout)],
                      notebook.parent, env=GRADING_ENV)
     print(log)
     return code

@@ -1,10 +1,18 @@
-"""peftlab.memory: formulas against hand counts, saved tensors counted by autograd, a CPU measurement, the CLI."""
+"""experiments.memory: formulas against hand counts, saved tensors counted by autograd, a CPU measurement, the CLI."""
 
 import pytest
 import torch
 
-from peftlab.cli import main
-from peftlab.memory import GB, MemoryConfig, activation_bytes, count_params, estimate, measure_cpu, prepare_model
+from peftlab.experiments.cli import main
+from peftlab.experiments.memory import (
+    GB,
+    MemoryConfig,
+    activation_bytes,
+    count_params,
+    estimate,
+    measure_cpu,
+    prepare_model,
+)
 from peftlab.models import build_from_config
 
 # tiny-llama: d=64, ff=128, 4 heads of 16, 2 KV heads (kv width 32), 2 layers, vocab 256, untied head.
@@ -183,7 +191,7 @@ def test_cli_prints_table_and_writes_json(tmp_path, capsys):
 def test_peftlab_linear4bit_is_predicted_like_bitsandbytes_and_old_gpu_rows_keep_their_term(tmp_path):
     import json
 
-    from peftlab.memory_report import LEGACY_LABEL, LINEAR4BIT_KEY, gpu_rows
+    from peftlab.experiments.memory_report import LEGACY_LABEL, LINEAR4BIT_KEY, gpu_rows
 
     def est(backend, gc=False):
         return estimate(MemoryConfig(model="tiny-llama", method="qlora", r=4, dtype="bf16", quant_backend=backend,

@@ -24,19 +24,19 @@ from torch import nn
 
 from peftlab import quant
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK = ROOT / "solutions" / "ex5_qlora" / "ex5_qlora.ipynb"
 PRELUDE = "import math\nimport torch\nfrom torch import nn\nimport torch.nn.functional as F\n" \
-          "from peftlab import checks, checks_ex5\n"
+          "from peftlab import checks\nfrom peftlab.checks import ex5 as checks_ex5\n"
 
 
 def _course_helpers():
-    """tests/test_course.py's runner (run_graded, graded_cells), with this exercise's checker module in its prelude."""
-    spec = importlib.util.spec_from_file_location("_test_course_ex5", ROOT / "tests" / "test_course.py")
+    """test_course.py's runner (run_graded, graded_cells), with this exercise's checker module in its prelude."""
+    spec = importlib.util.spec_from_file_location("_test_course_ex5", ROOT / "tests" / "course" / "test_course.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if "checks_ex5" not in module.PRELUDE:
-        module.PRELUDE += "import torch.nn.functional as F\nfrom peftlab import checks_ex5\n"
+        module.PRELUDE += "import torch.nn.functional as F\nfrom peftlab.checks import ex5 as checks_ex5\n"
     return module
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from peftlab.experiments import METHODS, check_method, compare, finetune, table_rows, verdict, write_report
+from peftlab.experiments.comparison import METHODS, check_method, compare, finetune, table_rows, verdict, write_report
 from peftlab.train import run_isolated
 
 
@@ -175,7 +175,7 @@ def test_compare_writes_after_every_method_and_survives_a_failure(tmp_path, monk
 
 
 def test_cli_rejects_an_unknown_method(capsys):
-    from peftlab.cli import main
+    from peftlab.experiments.cli import main
 
     assert main(["compare", "--methods", "full,lorra"]) == 2
     assert "unknown method 'lorra'" in capsys.readouterr().err

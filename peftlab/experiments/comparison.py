@@ -63,7 +63,7 @@ def _full(model: nn.Module, tokenizer=None) -> tuple[nn.Module, SaveFn]:
 
 def _lora(model: nn.Module, tokenizer=None, r: int = 8, lora_alpha: float = 16.0,
           target_modules: list[str] | None = None) -> tuple[nn.Module, SaveFn]:
-    from .lora import LoraConfig, apply_lora, save_adapter
+    from ..lora import LoraConfig, apply_lora, save_adapter
 
     config = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=target_modules or ["query", "value"],
                         modules_to_save=[HEAD], task_type="SEQ_CLS")
@@ -72,7 +72,7 @@ def _lora(model: nn.Module, tokenizer=None, r: int = 8, lora_alpha: float = 16.0
 
 def _adapters(placement: str) -> Callable[..., tuple[nn.Module, SaveFn]]:
     def apply(model: nn.Module, tokenizer=None, reduction_factor: int = 16) -> tuple[nn.Module, SaveFn]:
-        from .adapters import AdapterConfig, apply_adapters, save_adapter
+        from ..adapters import AdapterConfig, apply_adapters, save_adapter
 
         # num_labels: the adapter gets a head of its own, starting from the model's (same labels).
         config = AdapterConfig(placement=placement, reduction_factor=reduction_factor,
@@ -83,7 +83,7 @@ def _adapters(placement: str) -> Callable[..., tuple[nn.Module, SaveFn]]:
 
 def _prefix(model: nn.Module, tokenizer=None, num_virtual_tokens: int = 20,
             prefix_projection: bool = False) -> tuple[nn.Module, SaveFn]:
-    from .prefix import PrefixConfig, PrefixTuningModel, save_prefix
+    from ..prefix import PrefixConfig, PrefixTuningModel, save_prefix
 
     config = PrefixConfig(num_virtual_tokens=num_virtual_tokens, prefix_projection=prefix_projection)
     return PrefixTuningModel(model, config), save_prefix
@@ -91,7 +91,7 @@ def _prefix(model: nn.Module, tokenizer=None, num_virtual_tokens: int = 20,
 
 def _prompt(model: nn.Module, tokenizer=None, num_virtual_tokens: int = 20, prompt_tuning_init: str = "TEXT",
             prompt_tuning_init_text: str | None = "Classify the sentiment:") -> tuple[nn.Module, SaveFn]:
-    from .prompt import PromptTuningConfig, PromptTuningModel, save_prompt
+    from ..prompt import PromptTuningConfig, PromptTuningModel, save_prompt
 
     # Lester et al. (Section 3.2): initialising from real words' embeddings beats random at small scale.
     config = PromptTuningConfig(num_virtual_tokens=num_virtual_tokens, prompt_tuning_init=prompt_tuning_init,
@@ -100,7 +100,7 @@ def _prompt(model: nn.Module, tokenizer=None, num_virtual_tokens: int = 20, prom
 
 
 def _ia3(model: nn.Module, tokenizer=None) -> tuple[nn.Module, SaveFn]:
-    from .ia3 import DEFAULT_TARGETS, IA3Config, apply_ia3, save_ia3
+    from ..ia3 import DEFAULT_TARGETS, IA3Config, apply_ia3, save_ia3
 
     model_type = model.config.model_type
     if model_type not in DEFAULT_TARGETS:
@@ -110,7 +110,7 @@ def _ia3(model: nn.Module, tokenizer=None) -> tuple[nn.Module, SaveFn]:
 
 
 def _bitfit(model: nn.Module, tokenizer=None) -> tuple[nn.Module, SaveFn]:
-    from .bitfit import apply_bitfit
+    from ..bitfit import apply_bitfit
 
     return apply_bitfit(model, modules_to_save=[HEAD]), save_trainable
 
@@ -182,9 +182,9 @@ def finetune(method: str = "lora", steps: int = 200, limit: int | None = 2000, e
     to the method's (:data:`METHODS`); ``method_kwargs`` go to the method (e.g. ``r=`` for LoRA).
     """
     check_method(method, **method_kwargs)
-    from .data import load_tweets, tokenize
-    from .models import load_classifier
-    from .train import default_device, make_loader, train
+    from ..data import load_tweets, tokenize
+    from ..models import load_classifier
+    from ..train import default_device, make_loader, train
 
     torch.manual_seed(seed)
     data = load_tweets(seed=0)
@@ -218,7 +218,7 @@ def compare(methods: list[str], out_dir: str | os.PathLike = "reports", name: st
     The report is rewritten after every method, so a run cut short keeps what it measured. With
     ``keep_going`` a method that fails is reported (a warning) and left out instead of stopping the rest.
     """
-    from .train import run_isolated
+    from ..train import run_isolated
 
     for method in methods:  # fail before the first (long) run, not after it
         check_method(method)
@@ -226,7 +226,8 @@ def compare(methods: list[str], out_dir: str | os.PathLike = "reports", name: st
     for method in (bar := tqdm(methods, desc="methods")):
         bar.set_postfix(method=method)
         try:
-            rows.append(run_isolated("peftlab.experiments:finetune", method=method, progress=False, **kwargs))
+            rows.append(run_isolated("peftlab.experiments.comparison:finetune", method=method, progress=False,
+                                     **kwargs))
         except RuntimeError as e:
             if not keep_going:
                 raise

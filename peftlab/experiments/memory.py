@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from torch import nn
 
-from .prefix import PREFIX_CHECKPOINTING
+from ..prefix import PREFIX_CHECKPOINTING
 
 GB = 1e9  # decimal gigabytes, as the QLoRA paper and GPU spec sheets use
 
@@ -86,7 +86,7 @@ DOUBLE_QUANT_BITS = 8 / 64 + 32 / (64 * 256)  # 8-bit absmax per 64 weights + fp
 
 
 def config_names() -> list[str]:
-    from .models import ARCH_CONFIGS
+    from ..models import ARCH_CONFIGS
 
     return sorted(set(ARCH_CONFIGS) | set(MEMORY_CONFIGS))
 
@@ -97,7 +97,7 @@ def get_model_config(name_or_path: str | dict):
     >>> get_model_config("llama-2-70b").num_key_value_heads
     8
     """
-    from .models import get_config
+    from ..models import get_config
 
     if isinstance(name_or_path, str) and name_or_path in MEMORY_CONFIGS:
         return get_config(MEMORY_CONFIGS[name_or_path])
@@ -164,14 +164,14 @@ class Estimate:
 
 # --- parameter counts from the real module tree ---------------------------------------------------------------
 def _meta_model(cfg: MemoryConfig) -> nn.Module:
-    from .models import build_from_config
+    from ..models import build_from_config
 
     # num_labels=2 only matters for classification heads; a meta model allocates nothing.
     return build_from_config(get_model_config(cfg.model), task=cfg.task, device="meta")
 
 
 def _lora_targets(model_type: str, cfg: MemoryConfig) -> list[str]:
-    from .lora import DEFAULT_TARGETS
+    from ..lora import DEFAULT_TARGETS
 
     if cfg.target_modules:
         return list(cfg.target_modules)
@@ -187,15 +187,15 @@ def count_params(cfg: MemoryConfig) -> dict:
     (frozen linear weights stored in NF4 by QLoRA), ``head`` (the output layer), ``lora_modules`` (layers
     carrying a LoRA pair), ``adapters_per_layer`` and ``bottleneck`` (bottleneck adapters) and ``max_param``
     (numel of the largest trainable tensor: the optimizer's scratch is sized by it).
-    ``tests/test_memory.py`` checks these against the papers' closed forms.
+    ``tests/experiments/test_memory.py`` checks these against the papers' closed forms.
 
     >>> c = count_params(MemoryConfig(model="tiny-llama", method="lora", r=4))
     >>> c["trainable"]  # 2 layers x (q: 4*(64+64) + v: 4*(64+32))
     1792
     """
-    from .adapters import AdapterConfig, AdapterLayer
-    from .inject import matches
-    from .lora import LoraLinear
+    from ..adapters import AdapterConfig, AdapterLayer
+    from ..inject import matches
+    from ..lora import LoraLinear
 
     model = _meta_model(cfg)
     total = sum(p.numel() for p in model.parameters())  # .parameters() counts tied weights once
@@ -278,7 +278,7 @@ def bert_layer_activations(arch, cfg: MemoryConfig, counts: dict, seq: int) -> d
 
     BERT's attention with a padding mask runs SDPA's math path, which keeps the scores' softmax, the dropout
     mask and the dropped-out probabilities: ``3 H T`` values per token, the ``5as/h`` term of Korthikanti et al.
-    Checked against autograd's saved tensors on the CPU, fp32 and bf16 (``tests/test_memory.py``).
+    Checked against autograd's saved tensors on the CPU, fp32 and bf16 (``tests/experiments/test_memory.py``).
     """
     a = 2 if cfg.dtype == "bf16" else 4
     d, ff, heads = arch.hidden_size, arch.intermediate_size, arch.num_attention_heads
@@ -440,22 +440,22 @@ def prepare_model(model: nn.Module, cfg: MemoryConfig, quant_backend: str | None
         for p in model.parameters():
             p.requires_grad_(True)
     elif cfg.method in ("lora", "qlora"):
-        from .lora import LoraConfig, apply_lora
+        from ..lora import LoraConfig, apply_lora
 
         targets = _lora_targets(model.config.model_type, cfg)
         apply_lora(model, LoraConfig(r=cfg.r, lora_alpha=2 * cfg.r, target_modules=targets))
         if cfg.method == "qlora" and quantize:
             _quantize_frozen_linears(model, quant_backend)
     elif cfg.method in ("houlsby", "pfeiffer"):
-        from .adapters import AdapterConfig, apply_adapters
+        from ..adapters import AdapterConfig, apply_adapters
 
         apply_adapters(model, AdapterConfig(placement=cfg.method, reduction_factor=cfg.reduction_factor))
     elif cfg.method == "prefix":
-        from .prefix import PrefixConfig, PrefixTuningModel
+        from ..prefix import PrefixConfig, PrefixTuningModel
 
         model = PrefixTuningModel(model, PrefixConfig(num_virtual_tokens=cfg.num_virtual_tokens))
     else:  # prompt
-        from .prompt import PromptTuningConfig, PromptTuningModel
+        from ..prompt import PromptTuningConfig, PromptTuningModel
 
         model = PromptTuningModel(model, PromptTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens))
     base = getattr(model, "base", model)
@@ -464,7 +464,7 @@ def prepare_model(model: nn.Module, cfg: MemoryConfig, quant_backend: str | None
         for p in head.parameters():
             p.requires_grad_(True)
     if cfg.grad_checkpointing:
-        from .models import enable_checkpointing
+        from ..models import enable_checkpointing
 
         enable_checkpointing(base)
     return model
@@ -472,10 +472,10 @@ def prepare_model(model: nn.Module, cfg: MemoryConfig, quant_backend: str | None
 
 def _quantize_frozen_linears(model: nn.Module, backend: str) -> None:
     """Replace every frozen body ``nn.Linear`` (LoRA bases included) by a 4-bit layer; heads stay."""
-    from .inject import replace_modules
+    from ..inject import replace_modules
 
     if backend == "peftlab":
-        from .quant import Linear4bit, QuantConfig
+        from ..quant import Linear4bit, QuantConfig
 
         qc = QuantConfig(compute_dtype=next(model.parameters()).dtype)
         make = lambda name, lin: Linear4bit.from_linear(lin, qc)  # noqa: E731
@@ -532,8 +532,8 @@ def cpu_measure_child(cfg: dict, source: str = "config") -> dict:
     torch.set_num_threads(1)
     import transformers  # noqa: F401  (part of the baseline)
 
-    from .models import build_from_config, load_causal_lm, load_classifier
-    from .train import reset_peak_memory, rss_kib
+    from ..models import build_from_config, load_causal_lm, load_classifier
+    from ..train import reset_peak_memory, rss_kib
 
     c = MemoryConfig(**cfg)
     # A tiny model of the same family, trained one step, loads every module the real run needs (modeling
@@ -566,14 +566,14 @@ def cpu_measure_child(cfg: dict, source: str = "config") -> dict:
 
 def measure_cpu(cfg: MemoryConfig, source: str = "config", timeout: float = 600) -> dict:
     """Peak CPU memory (bytes above the interpreter + libraries) of two training steps, in a subprocess."""
-    from .train import run_isolated
+    from ..train import run_isolated
 
-    return run_isolated("peftlab.memory:cpu_measure_child", timeout=timeout, cfg=asdict(cfg), source=source)
+    return run_isolated("peftlab.experiments.memory:cpu_measure_child", timeout=timeout, cfg=asdict(cfg), source=source)
 
 
 def measure_gpu(cfg: MemoryConfig, quant_backend: str | None = None) -> dict:
     """``torch.cuda.max_memory_allocated`` of the second training step of a model built on the GPU."""
-    from .models import build_from_config
+    from ..models import build_from_config
 
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
     torch.cuda.empty_cache()

@@ -1,6 +1,6 @@
 """Write reports/memory_comparison.{md,csv,png}: predicted memory per method and model size, with measurements.
 
-Predictions come from :mod:`peftlab.memory`; measured markers from the committed GPU runs
+Predictions come from :mod:`peftlab.experiments.memory`; measured markers from the committed GPU runs
 (``benchmarks/results/gpu_memory.json``) and from CPU runs of the two offline models made here
 (each in its own subprocess, cached in ``reports/memory_cpu.json``).
 
@@ -22,7 +22,7 @@ SIZES = ["smollm2-135m", "smollm2-360m", "llama-3.2-1b", "llama-3.2-3b", "llama-
          "llama-65b", "llama-2-70b"]
 METHODS = ["full", "lora", "qlora", "houlsby", "pfeiffer", "prefix", "prompt"]
 BATCH, SEQ = 4, 512  # the GPU runs' setting
-GPU_RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "gpu_memory.json"
+GPU_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "gpu_memory.json"
 # benchmarks/gpu_memory.py writes this key since Linear4bit dequantizes again in backward (MatMul4bit). Runs
 # without it measured the old Linear4bit, which kept each dequantized weight for backward: their qlora-peftlab
 # rows are predicted with that term (quant_backend="peftlab-legacy") and labelled as such.
@@ -181,12 +181,12 @@ def write_report(out_dir: str | Path = "reports", refresh_cpu: bool = False) -> 
            f"(`quant_backend='peftlab-legacy'`). `Linear4bit` now dequantizes again in backward (`MatMul4bit`), "
            f"as bitsandbytes' `MatMul4Bit` does, and is predicted like bitsandbytes (rows `qlora-peftlab`, measured "
            f"after the change).",
-           "- Found by measurement (autograd's saved tensors, `tests/test_memory.py`): layer 0 keeps nothing before "
-           "the first trainable tensor, since the frozen embeddings need no gradient (Pfeiffer adapters: only the "
-           "adapter; Houlsby: nothing of the attention). A prefix reaches attention as a cache, so transformers "
-           "passes SDPA an explicit mask and repeats the kv heads: keys and values are kept P + T long at the full "
-           "width. BERT's attention on the CPU runs SDPA's math path, which keeps q, k, v and the probabilities in "
-           "fp32 even for bf16 inputs.",
+           "- Found by measurement (autograd's saved tensors, `tests/experiments/test_memory.py`): layer 0 keeps "
+           "nothing before the first trainable tensor, since the frozen embeddings need no gradient (Pfeiffer "
+           "adapters: only the adapter; Houlsby: nothing of the attention). A prefix reaches attention as a cache, "
+           "so transformers passes SDPA an explicit mask and repeats the kv heads: keys and values are kept P + T long "
+           "at the full width. BERT's attention on the CPU runs SDPA's math path, which keeps q, k, v and the "
+           "probabilities in fp32 even for bf16 inputs.",
            "- Prefix tuning has no gradient-checkpointing rows: transformers drops `past_key_values` (the prefix) in "
            "checkpointed layers, and `PrefixTuningModel` refuses the combination, as HF peft does.",
            "", "## Claims", ""] + claims()

@@ -26,7 +26,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .experiments import METHODS, check_method, compare, summary_lines
+    from .comparison import METHODS, check_method, compare, summary_lines
 
     methods = list(METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
     for method in methods:

@@ -7,9 +7,9 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from peftlab.course import assignments
+from autograde.pipeline import assignments
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # The numbered items of the five exercises of the syllabus (seeds/004): 4 + 6 + 5 + 6 + 5.
 SYLLABUS = [f"1.{i}" for i in range(1, 5)] + [f"2.{i}" for i in range(1, 7)] + [f"3.{i}" for i in range(1, 6)] + \
     [f"4.{i}" for i in range(1, 7)] + [f"5.{i}" for i in range(1, 6)]

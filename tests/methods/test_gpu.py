@@ -2,7 +2,7 @@
 
 Marked ``gpu``: ``make test`` deselects them (``-m "not gpu"``); run them on a GPU machine with
 
-    PYTHONPATH=. python -m pytest -q -m gpu tests/test_gpu.py     # or: python tests/test_gpu.py
+    PYTHONPATH=. python -m pytest -q -m gpu tests/methods/test_gpu.py     # or: python tests/methods/test_gpu.py
 
 Needs torch with CUDA, bitsandbytes, transformers (and pytest for the first form).
 """
@@ -12,13 +12,13 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 try:
     import pytest
 
     gpu = pytest.mark.gpu
-except ImportError:  # `python tests/test_gpu.py` on a machine without pytest
+except ImportError:  # `python tests/methods/test_gpu.py` on a machine without pytest
     def gpu(f):
         return f
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .checks import Report, _call, bert_config, raised_by
+from .core import Report, bert_config, call, raised_by
 
 DEFAULT_NON_LINEARITY = {"houlsby": "swish", "pfeiffer": "relu"}  # AdapterHub's defaults, as the notebook states
 
@@ -35,7 +35,7 @@ def expected_count(d: int, m: int, layer_norm: bool = False) -> int:
     return 2 * d * m + d + m + (2 * d if layer_norm else 0)
 
 
-def _randomize(module: nn.Module, seed: int, std: float = 0.2) -> None:
+def randomize(module: nn.Module, seed: int, std: float = 0.2) -> None:
     """Trained-looking weights: every parameter drawn from N(0, std^2) (LayerNorm's weight around 1)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -45,7 +45,7 @@ def _randomize(module: nn.Module, seed: int, std: float = 0.2) -> None:
 
 
 def _reference_adapter(d: int, m: int, non_linearity: str, layer_norm: bool, dtype: torch.dtype):
-    from .adapters import BottleneckAdapter as Reference
+    from ..adapters import BottleneckAdapter as Reference
 
     return Reference(d, m, non_linearity, layer_norm).to(dtype)
 
@@ -70,12 +70,12 @@ def check_adapter_layer(cls: type, bottleneck_size: Callable, adapter_param_coun
     title = f"{cls.__name__}(d={d}, m={m}, {non_linearity!r}, layer_norm={layer_norm}), {dtype}, seed 0"
     with Report(title) as rep:
         rep.expect(f"bottleneck_size(d={d}, reduction_factor={reduction_factor}) = max(1, d // rf)", m,
-                   _call("bottleneck_size", bottleneck_size, d, reduction_factor))
+                   call("bottleneck_size", bottleneck_size, d, reduction_factor))
         rep.expect(f"adapter_param_count(d={d}, m={m}, layer_norm={layer_norm}) = 2dm + d + m"
                    + (" + 2d" if layer_norm else ""), expected_count(d, m, layer_norm),
-                   _call("adapter_param_count", adapter_param_count, d, m, layer_norm=layer_norm))
+                   call("adapter_param_count", adapter_param_count, d, m, layer_norm=layer_norm))
         torch.manual_seed(0)
-        adapter = _call(f"{cls.__name__}({d}, {m}, {non_linearity!r}, layer_norm={layer_norm})", cls, d, m,
+        adapter = call(f"{cls.__name__}({d}, {m}, {non_linearity!r}, layer_norm={layer_norm})", cls, d, m,
                         non_linearity, layer_norm=layer_norm)
         adapter = adapter.to(dtype)
         down, up = getattr(adapter, "down", None), getattr(adapter, "up", None)
@@ -97,30 +97,30 @@ def check_adapter_layer(cls: type, bottleneck_size: Callable, adapter_param_coun
         rep.expect("all of them trainable", n_params, sum(p.numel() for p in adapter.parameters() if p.requires_grad))
         h = torch.randn(2, 5, d, dtype=dtype)
         with torch.no_grad():
-            rep.close("output at init equals the input (up = 0, residual)", h, _call("adapter(h)", adapter, h), 0.0)
+            rep.close("output at init equals the input (up = 0, residual)", h, call("adapter(h)", adapter, h), 0.0)
 
 
 def check_adapter_forward(cls: type, d: int = 32, m: int = 4, non_linearity: str = "relu", layer_norm: bool = False,
                           dtype: torch.dtype = torch.float32, lead: tuple[int, ...] = (2, 5)) -> None:
     """With trained-looking weights copied from ``peftlab.adapters.BottleneckAdapter``: same output, gradients flow."""
     ref = _reference_adapter(d, m, non_linearity, layer_norm, dtype)
-    _randomize(ref, seed=1)
+    randomize(ref, seed=1)
     x = torch.randn(*lead, d, dtype=dtype)
     atol = 1e-6 if dtype == torch.float32 else 1e-12
     title = f"{cls.__name__}(d={d}, m={m}, {non_linearity!r}, layer_norm={layer_norm}) forward, x {tuple(x.shape)}"
     with Report(f"{title} {dtype}, weights copied from peftlab's adapter") as rep:
         torch.manual_seed(0)
-        mine = _call(f"{cls.__name__}({d}, {m}, ...)", cls, d, m, non_linearity, layer_norm=layer_norm).to(dtype)
+        mine = call(f"{cls.__name__}({d}, {m}, ...)", cls, d, m, non_linearity, layer_norm=layer_norm).to(dtype)
         if not _copy_into("adapter", mine, ref, rep):
             return
         with torch.no_grad():
             expected = ref(x)
-            got = _call("adapter(x)", mine, x)
+            got = call("adapter(x)", mine, x)
             rep.close("h + up(f(down(LN(h)))) equals peftlab's", expected, got, atol)
             rep.expect("output dtype", dtype, getattr(got, "dtype", None))
             if layer_norm:  # without the residual the output is only the bottleneck's
                 rep.close("output - input = the bottleneck branch", expected - x, got - x, atol)
-        out = _call("adapter(x)", mine, x)
+        out = call("adapter(x)", mine, x)
         out.square().sum().backward()
         grads = [getattr(mine, n).weight.grad for n in ("down", "up")]
         rep.expect("gradients reach down and up", [True, True],
@@ -128,9 +128,9 @@ def check_adapter_forward(cls: type, d: int = 32, m: int = 4, non_linearity: str
 
 
 # --- 3.2: inserting adapters into BERT ---------------------------------------------------------
-def _bert(name: str = "tiny-bert", dtype: torch.dtype = torch.float32, **overrides) -> nn.Module:
+def bert_model(name: str = "tiny-bert", dtype: torch.dtype = torch.float32, **overrides) -> nn.Module:
     """A small random BERT classifier (3 labels, seed 0, eval mode) of a real architecture, fields overridden."""
-    from .models import build_from_config
+    from ..models import build_from_config
 
     return build_from_config(bert_config(name, **overrides), task="classification", num_labels=3, seed=0, dtype=dtype)
 
@@ -145,7 +145,7 @@ def paper_sites(model: nn.Module, placement: str) -> list[str]:
     return names
 
 
-def _ids(model: nn.Module, batch: int = 2, length: int = 7, seed: int = 0) -> dict:
+def token_ids(model: nn.Module, batch: int = 2, length: int = 7, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, model.config.vocab_size, (batch, length), generator=g)
     mask = torch.ones_like(ids)
@@ -155,7 +155,7 @@ def _ids(model: nn.Module, batch: int = 2, length: int = 7, seed: int = 0) -> di
 
 def _reference_model(model: nn.Module, adapters: list[tuple[str, dict]], dtype: torch.dtype, seed: int = 1):
     """A copy of the bare ``model`` with peftlab's adapters (name, AdapterConfig kwargs), each given random weights."""
-    from .adapters import AdapterConfig, adapter_layers, apply_adapters
+    from ..adapters import AdapterConfig, adapter_layers, apply_adapters
 
     ref = copy.deepcopy(model)
     for i, (name, kwargs) in enumerate(adapters):
@@ -163,7 +163,7 @@ def _reference_model(model: nn.Module, adapters: list[tuple[str, dict]], dtype: 
         ref.to(dtype)  # peftlab builds adapters in float32: follow the base model's dtype
         for _, layer in adapter_layers(ref):
             if name in layer.adapters:
-                _randomize(layer.adapters[name], seed=seed + 100 * i)
+                randomize(layer.adapters[name], seed=seed + 100 * i)
     return ref
 
 
@@ -179,20 +179,20 @@ def check_add_adapters(add_adapters: Callable, adapter_cls: type, layer_cls: typ
                        layer_norm: bool = False, dtype: torch.dtype = torch.float32, **overrides) -> None:
     """``add_adapters`` wraps exactly the paper's sites, freezes the rest, starts as the identity, and (with
     weights copied from ``peftlab.adapters.apply_adapters``) gives the same logits."""
-    model = _bert(name, dtype, **overrides)
+    model = bert_model(name, dtype, **overrides)
     bare = copy.deepcopy(model)
     d = model.config.hidden_size
     m = expected_size(d, reduction_factor)
     sites = paper_sites(model, placement)
     originals = {s: model.get_submodule(s) for s in sites}
-    x = _ids(model)
+    x = token_ids(model)
     with torch.no_grad():
         before = model(**x).logits
     act = non_linearity or DEFAULT_NON_LINEARITY[placement]
     atol = 1e-5 if dtype == torch.float32 else 1e-10
     shape = f"d={d}, m={m}, {model.config.num_hidden_layers} layers, {act}, layer_norm={layer_norm}, {dtype}"
     with Report(f"add_adapters(placement={placement!r}) on {name} ({shape})") as rep:
-        got = _call(f"add_adapters(model, placement={placement!r})", add_adapters, model, placement=placement,
+        got = call(f"add_adapters(model, placement={placement!r})", add_adapters, model, placement=placement,
                     reduction_factor=reduction_factor, non_linearity=non_linearity, layer_norm=layer_norm)
         rep.expect("returned names: the paper's sites, in named_modules order", sites,
                    list(got) if isinstance(got, (list, tuple)) else got)
@@ -207,7 +207,7 @@ def check_add_adapters(add_adapters: Callable, adapter_cls: type, layer_cls: typ
         rep.expect(f"{adapter_cls.__name__} modules in the model", len(sites), n_adapters)
         with torch.no_grad():
             rep.close("logits right after insertion equal the bare model's (up = 0)", before,
-                      _call("model(**x)", model, **x).logits, atol)
+                      call("model(**x)", model, **x).logits, atol)
         trainable = [n for n, p in model.named_parameters() if p.requires_grad]
         rep.expect("trainable parameters outside the adapters (the base must be frozen)", [],
                    [n for n in trainable if ".adapters." not in n][:3])
@@ -234,21 +234,21 @@ def check_set_adapter(add_adapters: Callable, set_adapter: Callable, adapter_cls
     active adapter trains, ``None`` runs the bare model, an unknown name raises ``ValueError``."""
     second = second or dict(placement="houlsby", reduction_factor=8)
     first = dict(placement="houlsby", reduction_factor=16)
-    model = _bert(name, dtype, **overrides)
+    model = bert_model(name, dtype, **overrides)
     bare = copy.deepcopy(model)
-    x = _ids(model, seed=3)
+    x = token_ids(model, seed=3)
     atol = 1e-5 if dtype == torch.float32 else 1e-10
     with torch.no_grad():
         base_logits = model(**x).logits
     with Report(f"two tasks on one {name}: 'sentiment' {first}, 'topic' {second}") as rep:
         sites = {p: paper_sites(model, p) for p in ("houlsby", "pfeiffer")}  # on the bare model
-        _call("add_adapters(model, adapter_name='sentiment', ...)", add_adapters, model, adapter_name="sentiment",
+        call("add_adapters(model, adapter_name='sentiment', ...)", add_adapters, model, adapter_name="sentiment",
               **first)
-        _call("add_adapters(model, adapter_name='topic', ...)", add_adapters, model, adapter_name="topic", **second)
+        call("add_adapters(model, adapter_name='topic', ...)", add_adapters, model, adapter_name="topic", **second)
         wrapped = [n for n, mod in model.named_modules() if isinstance(mod, layer_cls)]
         rep.expect(f"one {layer_cls.__name__} per site (no wrapper inside a wrapper)", sites["houlsby"], wrapped)
         ref = _reference_model(bare, [("sentiment", first), ("topic", second)], dtype)
-        from .adapters import set_adapter as ref_set_adapter
+        from ..adapters import set_adapter as ref_set_adapter
 
         for task, kwargs in (("sentiment", first), ("topic", second)):
             for s in sites[kwargs["placement"]]:
@@ -258,7 +258,7 @@ def check_set_adapter(add_adapters: Callable, set_adapter: Callable, adapter_cls
                 if not _copy_into(f"{task} at {s}", mine, ref.get_submodule(s).adapters[task], rep):
                     return
         for task in ("sentiment", "topic", "sentiment"):
-            _call(f"set_adapter(model, {task!r})", set_adapter, model, task)
+            call(f"set_adapter(model, {task!r})", set_adapter, model, task)
             ref_set_adapter(ref, task)
             with torch.no_grad():
                 rep.close(f"set_adapter({task!r}): logits equal peftlab's for that task", ref(**x).logits,
@@ -266,7 +266,7 @@ def check_set_adapter(add_adapters: Callable, set_adapter: Callable, adapter_cls
             trainable = sorted({n.split(".adapters.")[1].split(".")[0] if ".adapters." in n else n
                                 for n, p in model.named_parameters() if p.requires_grad})
             rep.expect(f"after set_adapter({task!r}), what trains", [task], trainable[:4])
-        _call("set_adapter(model, None)", set_adapter, model, None)
+        call("set_adapter(model, None)", set_adapter, model, None)
         with torch.no_grad():
             rep.close("set_adapter(None): the bare model's logits", base_logits, model(**x).logits, atol)
         rep.expect("set_adapter(None): nothing trains", 0,

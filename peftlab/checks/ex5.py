@@ -2,7 +2,7 @@
 
 Expected values come from bitsandbytes (its NF4 table and ``quantize_4bit`` bytes on CPU) or, while
 the autograder runs, from :mod:`peftlab.quant`, which reproduces those bytes bit for bit (enforced by
-tests/test_quant.py) and saves the ~8 s that importing bitsandbytes costs; from closed forms (bits per
+tests/methods/test_quant.py) and saves the ~8 s that importing bitsandbytes costs; from closed forms (bits per
 parameter); and from :class:`peftlab.quant.Linear4bit` (outputs and input gradients of a 4-bit layer).
 The student's functions always run on the inputs; nothing expected is computed with them.
 
@@ -19,8 +19,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from . import quant
-from .checks import Report, _call, grading
+from .. import quant
+from .core import Report, call, grading
 
 NF4_TOL = 1.2e-7  # one float32 ulp near 1: a float64 derivation may round 10 of the 16 entries the other way
 
@@ -56,7 +56,7 @@ def check_nf4_codebook(fn: Callable) -> None:
     """``fn()`` returns bitsandbytes' 16 NF4 values (sorted, float32) within one float32 ulp."""
     expected, source = reference_code()
     with Report(f"nf4_codebook() vs {source}") as rep:
-        got = _call("nf4_codebook()", fn)
+        got = call("nf4_codebook()", fn)
         if not isinstance(got, torch.Tensor):
             rep.expect("returns a torch.Tensor", "torch.Tensor", type(got).__name__)
             return
@@ -115,7 +115,7 @@ def check_blockwise_quant(quantize: Callable, dequantize: Callable, shape: tuple
              f"full block(s){', one partial' if n % blocksize else ''}{', odd length' if n % 2 else ''}"
              f"{f', block {zero_block} all zero' if zero_block is not None else ''}) vs {source}")
     with Report(title) as rep:
-        got = _call(f"quantize(w, code, blocksize={blocksize})", quantize, w, code, blocksize)
+        got = call(f"quantize(w, code, blocksize={blocksize})", quantize, w, code, blocksize)
         if not (isinstance(got, (tuple, list)) and len(got) == 2):
             rep.expect("returns (packed, absmax)", "a pair of tensors", type(got).__name__)
             return
@@ -151,7 +151,7 @@ def check_blockwise_quant(quantize: Callable, dequantize: Callable, shape: tuple
                   f"{ref_absmax[i // blocksize].item():.6g}, expected index {int(ref[i])}, got {int(mine[i])}")
         expected_w = quant.dequantize_4bit(ref_packed.reshape(-1, 1), quant.QuantState(
             ref_absmax, w.shape, dtype, blocksize, code))
-        out = _call("dequantize(packed, absmax, code, shape, blocksize, dtype)", dequantize,
+        out = call("dequantize(packed, absmax, code, shape, blocksize, dtype)", dequantize,
                     ref_packed.reshape(-1, 1).clone(), ref_absmax.clone(), code, w.shape, blocksize, dtype)
         rep.expect("dequantize: shape and dtype of the original", (tuple(w.shape), dtype),
                    (tuple(getattr(out, "shape", ())), getattr(out, "dtype", None)))
@@ -175,7 +175,7 @@ def check_double_quant_bits(fn: Callable, cases: tuple = ((4096 * 4096, 64, Fals
     """``fn(n_params, blocksize, double_quant)`` -> bits per parameter spent on quantization constants."""
     with Report("constant_bits: bits per parameter of the quantization constants") as rep:
         for n, bs, dq in cases:
-            got = _call(f"constant_bits({n}, blocksize={bs}, double_quant={dq})", fn, n, bs, dq)
+            got = call(f"constant_bits({n}, blocksize={bs}, double_quant={dq})", fn, n, bs, dq)
             expected = constant_bits_reference(n, bs, dq, blocksize2)
             ok = isinstance(got, (int, float)) and math.isclose(float(got), expected, rel_tol=1e-9)
             rep.expect(f"n={n:,}, blocksize={bs}, double_quant={dq}", round(expected, 6),
@@ -195,7 +195,7 @@ def check_linear4bit(cls: type, in_features: int = 96, out_features: int = 40, b
     title = (f"{cls.__name__}(nn.Linear({in_features}, {out_features}, bias={bias}), blocksize={blocksize}, "
              f"compute_dtype={compute_dtype}) on x {input_dtype} vs peftlab.quant.Linear4bit")
     with Report(title) as rep:
-        layer = _call(f"{cls.__name__}(linear, code, blocksize, compute_dtype)", cls, linear, code, blocksize,
+        layer = call(f"{cls.__name__}(linear, code, blocksize, compute_dtype)", cls, linear, code, blocksize,
                       compute_dtype)
         weight = getattr(layer, "weight", None)
         rep.expect("layer.weight is the packed uint8 tensor (n / 2 bytes), not a Parameter",
@@ -216,7 +216,7 @@ def check_linear4bit(cls: type, in_features: int = 96, out_features: int = 40, b
         x = torch.randn(2, 3, in_features, generator=g).to(input_dtype)
         x_ref, x_mine = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
         expected = ref(x_ref)
-        got = _call("layer(x)", layer, x_mine)
+        got = call("layer(x)", layer, x_mine)
         tol = 1e-5 if compute_dtype == torch.float32 and input_dtype == torch.float32 else \
             4 * torch.finfo(torch.bfloat16).eps * expected.detach().abs().max().item()
         rep.close("forward: x @ dequantize(W).T + b (in compute_dtype)", expected.detach(), got, tol)

@@ -1,0 +1,12 @@
+"""The studies: fine-tuning comparisons, the memory model and its measurements, the QLoRA instruction recipe.
+
+They use the library (``peftlab``) and nothing in the library imports them. ``peftlab compare|memory``
+(:mod:`.cli`) runs them from a terminal; ``make course`` writes their reports into ``reports/``.
+
+- :mod:`.comparison`: one fine-tuning run per method on tweet sentiment, and the comparison table and plot.
+- :mod:`.memory`: the analytic memory model (weights, gradients, optimizer state, activations) and its measurement.
+- :mod:`.memory_report`: the memory comparison report (135M to 70B, with GPU and CPU measurements).
+- :mod:`.instruct`: instruction tuning of a causal LM with QLoRA (exercise 5's experiment).
+"""
+
+from .comparison import METHODS, compare, finetune, table_rows  # noqa: F401
