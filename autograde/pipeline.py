@@ -5,8 +5,10 @@ Layout (paths relative to the repository root)::
     solutions/<assignment>/<assignment>.ipynb   nbgrader source notebooks (solutions, hidden tests), committed executed
     notebooks/<assignment>/<assignment>.ipynb   the generated student release, committed, never hand-edited
     autograde/nbgrader_config.py                nbgrader settings, relative paths (copied into every course folder)
+    autograde/cells.py                          the graded cells run in-process, as the autograder runs them (tests)
     autograde/examples/<student>/<assignment>/  sample submissions: solution, untouched, partial
-    build/course/                               scratch course folder for the release (git-ignored)
+    build/course/                               scratch course folder for the release (git-ignored); built once
+                                                per change of its inputs (see :func:`generate`), then reused
     autograde/{source,release,submitted,autograded,feedback,gradebook.db}   the instructor's grading state (git-ignored)
 
 Adding an exercise: put ``solutions/exN_name/exN_name.ipynb`` (nbgrader metadata on its cells), run
@@ -21,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
+import importlib.metadata
 import os
 import shutil
 import signal
@@ -31,9 +35,12 @@ from pathlib import Path
 
 import nbformat
 
+from autograde.cells import student_source
+
 CONFIG_NAME = "nbgrader_config.py"
+BUILD = Path("build") / "course"  # the release's course folder, relative to the repository root
+STAMP = ".built-from"  # in a course folder: the inputs of its release and the digests of what was built
 GRADING_ENV = {"PEFTLAB_GRADING": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-SOLUTION_MARKERS = ("### BEGIN SOLUTION", "### END SOLUTION", "### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS")
 EXAMPLE_STUDENTS = ("solution", "untouched", "partial")
 
 # The partly wrong sample submission: the solution with these bugs (cell id -> (old, new) source edits), every other
@@ -119,8 +126,48 @@ def prepare_course(root: Path, course: Path) -> None:
                         ignore=shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__"))
 
 
-def generate(root: Path, course: Path) -> None:
-    """``nbgrader generate_assignment`` for every assignment (writes ``course/release`` and the gradebook)."""
+def release_inputs(root: Path) -> str:
+    """A digest of what the release is built from: the assignments' folders in ``solutions/``, the nbgrader
+    config, this file, and the versions of nbgrader, nbconvert and nbformat."""
+    digest = hashlib.sha256()
+    files = {CONFIG_NAME: root / "autograde" / CONFIG_NAME, "pipeline.py": Path(__file__)}
+    for name in assignments(root):
+        files |= {p.relative_to(root).as_posix(): p for p in sorted((root / "solutions" / name).rglob("*"))
+                  if p.is_file() and not {".ipynb_checkpoints", "__pycache__"} & set(p.parts)}
+    for label, path in files.items():
+        data = path.read_bytes()
+        digest.update(f"{label}\0{len(data)}\0".encode() + data)
+    for dist in ("nbgrader", "nbconvert", "nbformat"):
+        digest.update(f"{dist}=={importlib.metadata.version(dist)}\0".encode())
+    return digest.hexdigest()
+
+
+def _built_files(course: Path) -> list[str]:
+    """What ``generate`` leaves in a course folder (besides the gradebook), as ``digest path`` lines."""
+    paths = [course / CONFIG_NAME] + [p for d in ("source", "release") for p in sorted((course / d).rglob("*"))]
+    return [f"{hashlib.sha256(p.read_bytes()).hexdigest()} {p.relative_to(course).as_posix()}"
+            for p in paths if p.is_file()]
+
+
+def is_built(root: Path, course: Path) -> bool:
+    """True when ``course`` holds the release of the current inputs, untouched since ``generate`` built it."""
+    stamp = course / STAMP
+    if not stamp.exists() or not (course / "gradebook.db").exists():
+        return False
+    return stamp.read_text().splitlines() == [release_inputs(root), *_built_files(course)]
+
+
+def generate(root: Path, course: Path, rebuild: bool = False) -> None:
+    """``nbgrader generate_assignment`` for every assignment (writes ``course/release`` and the gradebook).
+
+    A course folder that already holds the release of the same inputs (:func:`release_inputs`: solutions, config,
+    nbgrader's version) is kept as it is, unless ``rebuild``: ``make test`` builds the release once, and the
+    release check, the round trip and ``reset`` reuse it.
+    """
+    if not rebuild and is_built(root, course):
+        print(f"{course}: the release is up to date with solutions/ (not rebuilt)")
+        return
+    (course / STAMP).unlink(missing_ok=True)
     prepare_course(root, course)
     code, log = _nbgrader(["generate_assignment", "*", "--force"], course)  # one process for all: startup is slow
     missing = [n for n in assignments(root) if not (course / "release" / n / f"{n}.ipynb").exists()]
@@ -128,6 +175,7 @@ def generate(root: Path, course: Path) -> None:
         raise RuntimeError(f"nbgrader generate_assignment failed (missing {missing}):\n{log[-3000:]}")
     for nb_path in sorted((course / "release").glob("*/*.ipynb")):
         normalize(nb_path)
+    (course / STAMP).write_text("\n".join([release_inputs(root), *_built_files(course)]) + "\n")
 
 
 def normalize(path: Path) -> None:
@@ -163,11 +211,6 @@ def example_notebooks(root: Path, release: Path) -> dict[str, bytes]:
     return {k: v if v.endswith(b"\n") else v + b"\n" for k, v in out.items()}
 
 
-def student_source(source: str) -> str:
-    """A solution cell as a student would write it: the solution code without nbgrader's marker lines."""
-    return "\n".join(line for line in source.split("\n") if line.strip() not in SOLUTION_MARKERS)
-
-
 def partial_submission(solution, released, spec: dict):
     """The release with the solution filled in, except ``spec``'s bugs and undone cells (see :data:`PARTIAL`)."""
     nb = nbformat.reads(nbformat.writes(released), as_version=4)
@@ -186,16 +229,17 @@ def partial_submission(solution, released, spec: dict):
     return nb
 
 
-def release(root: Path | None = None, build: Path | None = None, check: bool = False) -> int:
+def release(root: Path | None = None, build: Path | None = None, check: bool = False, rebuild: bool = False) -> int:
     """Regenerate ``notebooks/`` and ``autograde/examples/``; write a release notebook only where it is unchanged.
 
     A committed release notebook that differs from git HEAD holds a student's edits: it is kept, and the new
     version is left in ``build/``. A release notebook that is not committed yet is (re)written.
-    With ``check=True`` nothing is written: report drift and return 1.
+    With ``check=True`` nothing is written: report drift and return 1. ``rebuild``: run nbgrader even when
+    ``build`` holds the release of the same solutions (:func:`generate`).
     """
     root = root or repo_root()
-    build = build or root / "build" / "course"
-    generate(root, build)
+    build = build or root / BUILD
+    generate(root, build, rebuild)
     wanted: dict[str, bytes] = {}
     for name in assignments(root):
         for path in sorted((build / "release" / name).rglob("*")):
@@ -233,7 +277,7 @@ def reset(notebook: Path, root: Path | None = None) -> Path:
     root = root or repo_root()
     notebook = notebook.resolve()
     name = notebook.parent.name
-    build = root / "build" / "course"
+    build = root / BUILD
     generate(root, build)
     fresh = build / "release" / name / notebook.name
     if not fresh.exists():
@@ -450,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("release", help="regenerate notebooks/ (and the sample submissions) from solutions/")
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 if notebooks/ differs")
+    p.add_argument("--rebuild", action="store_true", help="run nbgrader even if build/course is up to date")
     p = sub.add_parser("grade", help="autograde submitted/<student>/<assignment>/*.ipynb")
     p.add_argument("submissions", type=Path, help="folder of <student>/<assignment>/*.ipynb")
     p.add_argument("--course-dir", type=Path, default=None, help="nbgrader course folder (default: autograde/)")
@@ -463,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "release":
-            return release(check=args.check)
+            return release(check=args.check, rebuild=args.rebuild)
         if args.command == "grade":
             grade(args.submissions, args.course_dir, timeout=args.timeout, notebook_timeout=args.notebook_timeout)
             return 0

@@ -24,13 +24,13 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from peftlab.experiments.cli_compare import add_arguments, run  # noqa: E402
+from peftlab.experiments.cli import add_compare_arguments, run_compare  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser, methods="all", steps=300, name="compare_methods")
-    return run(parser.parse_args(argv))
+    add_compare_arguments(parser, methods="all", steps=300, name="compare_methods")
+    return run_compare(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

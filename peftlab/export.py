@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .lora import lora_layers, unload_lora
+from .lora import is_lora_model, unload_lora
 
 INPUT_NAMES = ("input_ids", "attention_mask")
 
@@ -38,7 +38,7 @@ class _Logits(nn.Module):
 
 def merged_copy(model: nn.Module) -> nn.Module:
     """A deep copy with every LoRA update merged in and the wrappers removed; ``model`` is untouched."""
-    merged = unload_lora(copy.deepcopy(model), merge=True) if lora_layers(model) else copy.deepcopy(model)
+    merged = unload_lora(copy.deepcopy(model), merge=True) if is_lora_model(model) else copy.deepcopy(model)
     return merged.eval()
 
 

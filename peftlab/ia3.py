@@ -21,11 +21,13 @@ References:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
 
+from . import files
 from .inject import Targets, freeze, matches, replace_modules
 
 # (target_modules, feedforward_modules) per model_type: the paper's three places.
@@ -73,8 +75,11 @@ class IA3Linear(nn.Module):
         self.base, self.is_feedforward = base, is_feedforward
         n = base.in_features if is_feedforward else base.out_features
         self.ia3_l = nn.Parameter(torch.ones(n) if init_ones else torch.randn(n), requires_grad=True)
+        self.disabled = False  # True inside disable_ia3(): the base layer alone
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            return self.base(x)
         if self.is_feedforward:
             return self.base(x * self.ia3_l)  # l_ff * f(W_1 x), then W_2
         return self.base(x) * self.ia3_l  # l_k * K or l_v * V
@@ -113,52 +118,83 @@ def apply_ia3(model: nn.Module, config: IA3Config | None = None) -> nn.Module:
             raise ValueError(f"modules_to_save entry {target!r} matched no module")
         for module in found:
             module.requires_grad_(True)
-    model.ia3_config = config
+    # The resolved targets, so that a saved config (and HF peft reading it) picks the same modules.
+    model.ia3_config = replace(config, target_modules=targets, feedforward_modules=feedforward)
     return model
 
 
-def ia3_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trained tensors: every ``ia3_l`` and the ``modules_to_save`` weights, under the model's names."""
+@contextmanager
+def disable_ia3(model: nn.Module):
+    """Run the model without its IA3 scaling inside a ``with`` block (``modules_to_save`` train in place and stay).
+
+    >>> from peftlab.models import build_from_config
+    >>> m = apply_ia3(build_from_config("tiny-llama"), IA3Config(["k_proj"], [], init_ia3_weights=False))
+    >>> layer = m.model.layers[0].self_attn.k_proj
+    >>> x = torch.randn(1, 64)
+    >>> with disable_ia3(m):
+    ...     torch.equal(layer(x), layer.base(x))
+    True
+    """
+    layers = [m for m in model.modules() if isinstance(m, IA3Linear)]
+    if not layers:
+        raise ValueError("this model has no IA3 vectors: apply_ia3(model) first")
+    was = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer, w in zip(layers, was, strict=True):
+            layer.disabled = w
+
+
+# --- files: HF peft's on-disk format (``PeftModel.from_pretrained`` loads them) ------------------
+def ia3_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The live trained tensors under HF peft's keys: every ``ia3_l`` and the ``modules_to_save`` weights.
+
+    HF peft stores a vector as (out, 1), or (1, in) for a feed-forward layer; these are views of ours.
+    """
     config = getattr(model, "ia3_config", None)
     if config is None:
         raise ValueError("this model has no IA3 vectors: apply_ia3(model) first")
-    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters()
-            if n.endswith("ia3_l") or any(matches(n.rsplit(".", 1)[0], [t]) for t in config.modules_to_save or [])}
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, IA3Linear):
+            shape = (1, -1) if module.is_feedforward else (-1, 1)
+            out[f"{files.PREFIX}{name}.ia3_l"] = module.ia3_l.view(shape)
+        elif name and matches(name, config.modules_to_save or []):
+            out.update({f"{files.PREFIX}{name}.{k}": p for k, p in module.named_parameters()})
+    return out
 
 
 def save_ia3(model: nn.Module, path) -> int:
-    """Write ``ia3_config.json`` + ``ia3_model.safetensors``; return the bytes written."""
-    import json
-    import os
-    from dataclasses import asdict
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` as HF peft does; return the bytes written.
 
-    from safetensors.torch import save_file
-
-    tensors = ia3_state_dict(model)
-    os.makedirs(path, exist_ok=True)
-    save_file(tensors, os.path.join(path, "ia3_model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(path, "ia3_config.json"), "w") as f:
-        json.dump({"peft_type": "IA3", **asdict(model.ia3_config)}, f, indent=2)
-    return sum(os.path.getsize(os.path.join(path, f)) for f in ("ia3_model.safetensors", "ia3_config.json"))
+    ``peft.PeftModel.from_pretrained(base, path)`` loads the result.
+    """
+    tensors = ia3_tensors(model)
+    return files.write_adapter(path, dict(asdict(model.ia3_config), peft_type="IA3", inference_mode=True,
+                                          base_model_name_or_path=files.base_model_name(model)), tensors)
 
 
 def load_ia3(model: nn.Module, path) -> nn.Module:
-    """Apply IA3 to ``model`` with the saved config and copy the saved vectors in (checked against it)."""
-    import json
-    import os
+    """Apply IA3 to ``model`` with the config saved at ``path`` (ours or HF peft's) and copy the vectors in.
 
-    from safetensors.torch import load_file
-
-    with open(os.path.join(path, "ia3_config.json")) as f:
-        raw = json.load(f)
-    if raw.pop("peft_type", None) != "IA3":
-        raise ValueError(f"{path} does not hold an IA3 adapter")
-    apply_ia3(model, IA3Config(**raw))
-    mine, saved = dict(model.named_parameters()), load_file(os.path.join(path, "ia3_model.safetensors"))
-    with torch.no_grad():
-        for key, value in saved.items():
-            if key not in mine or mine[key].shape != value.shape:
-                raise ValueError(f"IA3 file at {path} was made for another model: {key} "
-                                 f"{tuple(value.shape)} does not fit")
-            mine[key].copy_(value)
+    Raises :class:`peftlab.files.AdapterFileError` (a ``ValueError``) when the directory is not an
+    IA3 adapter or was made for another model.
+    """
+    raw = files.read_config(path, "IA3")
+    names = {n for n, _ in model.named_modules() if n}
+    # HF peft lists both head names ("classifier", "score") for SEQ_CLS: keep those this model has.
+    to_save = [t for t in raw.get("modules_to_save") or [] if any(matches(n, [t]) for n in names)]
+    config = files.make_config(path, IA3Config, raw, modules_to_save=to_save or None)
+    tensors = files.read_tensors(path)
+    try:
+        apply_ia3(model, config)
+    except ValueError as e:
+        raise files.AdapterFileError(f"adapter at {path} does not fit this model: {e}") from None
+    files.copy_into(path, ia3_tensors(model), tensors)
     return model
+
+
+files.register("IA3", save=save_ia3, load=load_ia3, applied=lambda model: hasattr(model, "ia3_config"))

@@ -2,7 +2,10 @@
 
 LoRA, IA3, bottleneck adapters and 4-bit layers all do the same thing: walk
 ``model.named_modules()``, pick the modules whose names match a target list, and replace each
-with a wrapper around it (``setattr`` on the parent). This file does that once.
+with a wrapper around it (``setattr`` on the parent). This file does that once, and holds what
+the methods share around it: the default targets per model type (:func:`targets_for`), the
+names of the task heads, and the one container of named adapters (:class:`NamedAdapters`) with
+the walks that switch (:func:`set_adapter`) and bypass (:func:`disable_adapters`) them.
 
 References:
     - minLoRA (cccntu/minLoRA), the ``add_lora`` walk over named modules.
@@ -12,12 +15,21 @@ References:
 
 from __future__ import annotations
 
+import copy
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import TypeVar
 
 from torch import nn
 
 Targets = str | Sequence[str]
+T = TypeVar("T")
+
+# The output layers of transformers' models: they are trained in full (modules_to_save) or kept in full precision.
+CLASSIFIER_HEADS = ("classifier", "score")  # a sequence classifier's head (BERT, Llama)
+LM_HEAD = "lm_head"  # a causal LM's output layer (often tied to the embeddings)
+HEAD_NAMES = (*CLASSIFIER_HEADS, LM_HEAD)
 
 
 def matches(name: str, targets: Targets) -> bool:
@@ -31,6 +43,25 @@ def matches(name: str, targets: Targets) -> bool:
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def targets_for(model: nn.Module | str | None, table: Mapping[str, T], what: str = "default target_modules",
+                hint: str = "pass target_modules=[...]") -> T:
+    """The entry of ``table`` for a model's ``config.model_type`` (or for a model type given as a string).
+
+    >>> targets_for("bert", {"bert": ["query", "value"]})
+    ['query', 'value']
+    >>> targets_for(nn.Linear(2, 2), {"bert": ["query", "value"]})
+    Traceback (most recent call last):
+    ...
+    ValueError: no default target_modules known for model_type None (known: ['bert']); pass target_modules=[...]
+    """
+    model_type = model if isinstance(model, str) or model is None else \
+        getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in table:
+        raise ValueError(f"no {what} known for model_type {model_type!r} (known: {sorted(table)})"
+                         + (f"; {hint}" if hint else ""))
+    return table[model_type]
 
 
 def get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -107,3 +138,152 @@ def format_trainable(model: nn.Module) -> str:
     """The ``print_trainable_parameters`` line, e.g. ``trainable params: 55 || all params: 55 || ...``."""
     t, n, pct = count_parameters(model)
     return f"trainable params: {t:,} || all params: {n:,} || trainable%: {pct:.4f}"
+
+
+# --- named adapters: one container, one switch ----------------------------------------------------
+class NamedAdapters(nn.ModuleDict):
+    """The adapters of one wrapped module by name, and which of them runs: ``active`` (None: none).
+
+    Every wrapper that holds several named adapters (LoRA layers, bottleneck sites, trainable head
+    copies, task heads) keeps them in one of these; its forward reads ``active``. ``merged`` is True
+    while the active adapter is folded into the wrapped weight (LoRA's merge): it cannot be switched
+    then. :func:`set_adapter` and :func:`disable_adapters` walk the containers; nothing finds the
+    active adapter by its parameter names.
+
+    >>> c = NamedAdapters()
+    >>> c.add("a", nn.Linear(2, 2)); c.add("b", nn.Linear(2, 2))
+    >>> c.active, c["a"].weight.requires_grad, c["b"].weight.requires_grad  # the newest runs and trains
+    ('b', False, True)
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.active: str | None = None
+        self.merged = False
+
+    def add(self, name: str, module: nn.Module) -> None:
+        """Add adapter ``name`` and make it the active one."""
+        if name in self:
+            raise ValueError(f"adapter {name!r} already exists on this layer (it has {list(self)})")
+        if self.merged:
+            raise ValueError(f"adapter {self.active!r} is merged into this layer's weight: unmerge it first")
+        self[name] = module
+        self.activate(name)
+
+    def activate(self, name: str | None) -> None:
+        """Run ``name`` (None: none); only the active adapter trains."""
+        self.active = name
+        for key, module in self.items():
+            module.requires_grad_(key == name)
+
+
+def adapter_containers(model: nn.Module) -> list[NamedAdapters]:
+    """Every :class:`NamedAdapters` in ``model``, in module order."""
+    return [m for m in model.modules() if isinstance(m, NamedAdapters)]
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """The names of the adapters on ``model`` (any method that keeps named adapters), sorted."""
+    return sorted({name for c in adapter_containers(model) for name in c})
+
+
+def _check_unmerged(containers: list[NamedAdapters]) -> None:
+    if any(c.merged for c in containers):
+        raise ValueError("an adapter is merged into the base weights: unmerge it first (unmerge_lora(model))")
+
+
+def _sync_num_labels(model: nn.Module) -> None:
+    """HF's classification loss reads ``model.num_labels``: keep it equal to the width of the head that runs
+    (task heads that switch with the adapter, :class:`peftlab.adapters.TaskHeads`, say theirs)."""
+    head = next((m for n, m in model.named_children() if n in CLASSIFIER_HEADS), None)
+    num_labels = getattr(head, "num_labels", None)
+    if isinstance(num_labels, int) and hasattr(model, "num_labels"):
+        model.num_labels = model.config.num_labels = num_labels
+
+
+def set_adapter(model: nn.Module, name: str) -> None:
+    """Run (and train) adapter ``name`` everywhere it exists; modules without it run their base alone.
+
+    The other adapters stay in memory, frozen. Serves LoRA and bottleneck adapters alike.
+
+    >>> m = nn.Sequential(ModulesToSave(nn.Linear(4, 4), "a"))
+    >>> m[0].add_copy("b")
+    >>> set_adapter(m, "a"); m[0].copies.active, m[0].copies["b"].weight.requires_grad
+    ('a', False)
+    >>> set_adapter(m, "c")
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown adapter 'c'; this model has ['a', 'b']
+    """
+    containers = adapter_containers(model)
+    names = sorted({n for c in containers for n in c})
+    if name not in names:
+        raise ValueError(f"unknown adapter {name!r}; this model has {names}")
+    _check_unmerged(containers)
+    for c in containers:
+        c.activate(name if name in c else None)
+    _sync_num_labels(model)
+
+
+@contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the bare frozen model inside a ``with`` block (original heads too); the adapters come back after.
+
+    >>> m = nn.Sequential(ModulesToSave(nn.Linear(4, 4)))
+    >>> with disable_adapters(m):
+    ...     m[0].copies.active is None
+    True
+    >>> m[0].copies.active
+    'default'
+    """
+    containers = adapter_containers(model)
+    _check_unmerged(containers)
+    saved = [c.active for c in containers]
+    for c in containers:
+        c.active = None  # not activate(): which adapter trains does not change
+    _sync_num_labels(model)
+    try:
+        yield model
+    finally:
+        for c, name in zip(containers, saved, strict=True):
+            c.active = name
+        _sync_num_labels(model)
+
+
+class ModulesToSave(nn.Module):
+    """A trainable copy of a module (e.g. the classifier head) per adapter; the original stays frozen."""
+
+    def __init__(self, original: nn.Module, adapter_name: str = "default"):
+        super().__init__()
+        self.original = original
+        self.copies = NamedAdapters()  # adapter name -> its trained copy of ``original``
+        self.add_copy(adapter_name)
+
+    def add_copy(self, name: str) -> None:
+        self.copies.add(name, copy.deepcopy(self.original))
+
+    def forward(self, *args, **kwargs):
+        copies = self.copies
+        return (self.original if copies.active is None else copies[copies.active])(*args, **kwargs)
+
+
+def wrap_modules_to_save(model: nn.Module, target: str, adapter_name: str) -> None:
+    """Give each module named ``target`` (HF peft's rule, as :func:`matches`) a trainable copy for ``adapter_name``.
+
+    >>> wrap_modules_to_save(nn.Sequential(nn.Linear(2, 2)), "classifier", "default")
+    Traceback (most recent call last):
+    ...
+    ValueError: modules_to_save entry 'classifier' matched no module. Top-level modules: ['0']
+    """
+    inside = {id(m) for w in model.modules() if isinstance(w, ModulesToSave) for m in w.modules() if m is not w}
+    chosen = [n for n, m in model.named_modules() if n and matches(n, [target]) and id(m) not in inside]
+    if not chosen:
+        tops = sorted(n for n, _ in model.named_children())
+        raise ValueError(f"modules_to_save entry {target!r} matched no module. Top-level modules: {tops}")
+    for name in chosen:
+        parent, child = get_parent(model, name)
+        module = getattr(parent, child)
+        if isinstance(module, ModulesToSave):  # a second adapter: one more copy
+            module.add_copy(adapter_name)
+        else:
+            setattr(parent, child, ModulesToSave(module, adapter_name))

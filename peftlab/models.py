@@ -134,15 +134,57 @@ def load_causal_lm(model_id: str | None = None, dtype: torch.dtype = torch.float
     return model.to(dtype).eval(), tokenizer
 
 
-# Real architecture configs (public config.json values), for memory studies and fast tests.
-# Only shapes matter there, so the weights are random.
+def load_causal_lm_tokenizer(model_id: str | None = None):
+    """The tokenizer of :func:`load_causal_lm` alone: no weights are read (tokenizing needs none)."""
+    from transformers import AutoTokenizer
+
+    if model_id:  # online path
+        return AutoTokenizer.from_pretrained(model_id)
+    cached = cache_dir() / "SmolLM2-135M-Instruct"
+    if (cached / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(cached)
+    gguf = smollm2_gguf_path()
+    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
+# Real architectures (public config.json values of the Hugging Face hub repositories), for the memory study and
+# fast tests: only shapes matter there, so the weights are random (build_from_config).
+_LLAMA1 = dict(model_type="llama", vocab_size=32000, rms_norm_eps=1e-6, max_position_embeddings=2048,
+               tie_word_embeddings=False)
+_LLAMA3 = dict(model_type="llama", vocab_size=128256, rms_norm_eps=1e-5, max_position_embeddings=131072,
+               rope_theta=500000.0, num_key_value_heads=8)
 ARCH_CONFIGS: dict[str, dict] = {
+    # the course's two offline models: sentence-transformers/all-MiniLM-L6-v2, HuggingFaceTB/SmolLM2-135M(-Instruct)
     "minilm-l6": dict(model_type="bert", hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
                       intermediate_size=1536, vocab_size=30522, max_position_embeddings=512, type_vocab_size=2),
     "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
                          max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True,
                          rope_theta=100000.0),
+    # HuggingFaceTB/SmolLM2-360M
+    "smollm2-360m": dict(model_type="llama", hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
+                         num_attention_heads=15, num_key_value_heads=5, vocab_size=49152, rms_norm_eps=1e-5,
+                         max_position_embeddings=8192, tie_word_embeddings=True, rope_theta=100000.0),
+    # meta-llama/Llama-3.2-1B, Llama-3.2-3B, Llama-3.1-8B
+    "llama-3.2-1b": dict(_LLAMA3, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, tie_word_embeddings=True),
+    "llama-3.2-3b": dict(_LLAMA3, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                         num_attention_heads=24, tie_word_embeddings=True),
+    "llama-3.1-8b": dict(_LLAMA3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, tie_word_embeddings=False),
+    # huggyllama/llama-7b, -13b, -30b ("33B"), -65b: the LLaMA-1 models that Guanaco (QLoRA paper) tuned
+    "llama-7b": dict(_LLAMA1, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
+    "llama-13b": dict(_LLAMA1, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                      num_attention_heads=40),
+    "llama-33b": dict(_LLAMA1, hidden_size=6656, intermediate_size=17920, num_hidden_layers=60,
+                      num_attention_heads=52),
+    "llama-65b": dict(_LLAMA1, hidden_size=8192, intermediate_size=22016, num_hidden_layers=80,
+                      num_attention_heads=64),
+    # meta-llama/Llama-2-70b-hf
+    "llama-2-70b": dict(_LLAMA1, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                        num_attention_heads=64, num_key_value_heads=8, rms_norm_eps=1e-5,
+                        max_position_embeddings=4096),
+    # tiny models of the same families, for tests and doctests
     "tiny-llama": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, vocab_size=256, max_position_embeddings=128,
                        tie_word_embeddings=False),
@@ -152,8 +194,12 @@ ARCH_CONFIGS: dict[str, dict] = {
 }
 
 
-def get_config(name_or_path: str | dict):
-    """A ``transformers`` config from a name in :data:`ARCH_CONFIGS`, a dict, or a config.json path."""
+def arch_config(name_or_path: str | dict):
+    """The ``transformers`` config of an architecture: a name in :data:`ARCH_CONFIGS`, a dict, or a config.json path.
+
+    >>> arch_config("llama-2-70b").num_key_value_heads, type(arch_config("tiny-bert")).__name__
+    (8, 'BertConfig')
+    """
     from transformers import CONFIG_MAPPING, AutoConfig
 
     if isinstance(name_or_path, dict):
@@ -166,6 +212,17 @@ def get_config(name_or_path: str | dict):
         raise ValueError(f"unknown model config {name_or_path!r}: choose one of {sorted(ARCH_CONFIGS)} "
                          f"or give a path to a config.json")
     return CONFIG_MAPPING[raw.pop("model_type")](**raw)
+
+
+
+
+def config_of(model: nn.Module):
+    """The transformers config of a model, or of the model a prefix/prompt wrapper holds (``.base``).
+
+    >>> config_of(build_from_config("tiny-llama", device="meta")).hidden_size
+    64
+    """
+    return getattr(model, "base", model).config
 
 
 def build_from_config(name_or_config, task: str = "causal_lm", device: str | torch.device = "cpu",
@@ -181,7 +238,7 @@ def build_from_config(name_or_config, task: str = "causal_lm", device: str | tor
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PretrainedConfig
 
-    config = name_or_config if isinstance(name_or_config, PretrainedConfig) else get_config(name_or_config)
+    config = name_or_config if isinstance(name_or_config, PretrainedConfig) else arch_config(name_or_config)
     if task == "causal_lm":
         auto = AutoModelForCausalLM
     elif task == "classification":
@@ -208,12 +265,22 @@ def cache_argument(model: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def checkpointing(model: nn.Module) -> bool:
-    """Whether gradient checkpointing is on (transformers 5.x renames it activation checkpointing)."""
+def is_checkpointing(model: nn.Module) -> bool:
+    """Whether gradient checkpointing is on (transformers 5.x renames it activation checkpointing).
+
+    >>> m = build_from_config("tiny-llama")
+    >>> before = is_checkpointing(m)
+    >>> enable_checkpointing(m)
+    >>> before, is_checkpointing(m)
+    (False, True)
+    """
     for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
         if hasattr(type(model), name):
             return bool(getattr(model, name))
     return False
+
+
+checkpointing = is_checkpointing  # the name of earlier releases
 
 
 def enable_checkpointing(model: nn.Module) -> None:

@@ -26,19 +26,18 @@ References:
 
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 import torch
 from torch import nn
 
+from . import files
+from .heads import TASK_TYPES, base_alone, head_tensors, task_type_of, unfreeze_head, with_task_type
 from .inject import freeze
-from .models import cache_argument, checkpointing
+from .models import cache_argument, is_checkpointing
+from .validate import one_of, positive_int
 
-HEAD_NAMES = ("classifier", "score")  # a sequence classifier's new head: it trains too, as in HF peft
-ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 # transformers' checkpointed layers set past_key_values=None (a cache cannot be recomputed), which drops the
 # prefix; HF peft raises the same error (huggingface/peft#2191).
 PREFIX_CHECKPOINTING = ("prefix tuning cannot train with gradient checkpointing: the prefix reaches the layers as "
@@ -65,39 +64,10 @@ class PrefixConfig:
     task_type: str | None = None  # "SEQ_CLS" or "CAUSAL_LM"; None: read from the model
 
     def __post_init__(self):
-        check_positive("num_virtual_tokens (the prefix length P)", self.num_virtual_tokens)
+        positive_int("num_virtual_tokens (the prefix length P)", self.num_virtual_tokens)
         if self.encoder_hidden_size is not None:
-            check_positive("encoder_hidden_size", self.encoder_hidden_size)
-        check_task_type(self.task_type)
-
-
-def check_positive(what: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{what} must be a positive integer, got {value!r}")
-
-
-def check_task_type(task_type: str | None) -> None:
-    if task_type not in (None, "SEQ_CLS", "CAUSAL_LM"):
-        raise ValueError(f"task_type must be 'SEQ_CLS', 'CAUSAL_LM' or None, got {task_type!r}")
-
-
-def task_type_of(model: nn.Module) -> str:
-    """``"SEQ_CLS"`` for a ``*ForSequenceClassification`` model, ``"CAUSAL_LM"`` for a causal LM."""
-    name = type(model).__name__
-    if name.endswith("ForSequenceClassification"):
-        return "SEQ_CLS"
-    if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
-        return "CAUSAL_LM"
-    raise ValueError(f"{name} is neither a *ForSequenceClassification nor a causal LM: prefix and prompt "
-                     f"tuning here support those two (load_classifier(), load_causal_lm())")
-
-
-def with_task_type(config, model: nn.Module):
-    """A copy of ``config`` whose ``task_type`` is the model's (the caller's config is left as it is)."""
-    task_type = task_type_of(model)
-    if config.task_type not in (None, task_type):
-        raise ValueError(f"config.task_type={config.task_type!r} but the model is a {task_type} model")
-    return replace(config, task_type=task_type)
+            positive_int("encoder_hidden_size", self.encoder_hidden_size)
+        one_of("task_type", self.task_type, TASK_TYPES)
 
 
 def kv_dims(config) -> tuple[int, int, int]:
@@ -106,8 +76,8 @@ def kv_dims(config) -> tuple[int, int, int]:
     For grouped-query attention (SmolLM2: 9 query heads share 3 key/value heads of 64) the keys
     are ``kv_heads * head_dim = 192`` wide, not ``hidden_size = 576``.
 
-    >>> from peftlab.models import get_config
-    >>> kv_dims(get_config("smollm2-135m")), kv_dims(get_config("minilm-l6"))
+    >>> from peftlab.models import arch_config
+    >>> kv_dims(arch_config("smollm2-135m")), kv_dims(arch_config("minilm-l6"))
     ((30, 3, 64), (6, 12, 32))
     """
     layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
@@ -171,6 +141,7 @@ class PrefixTuningModel(nn.Module):
         freeze(base)
         self.prefix_encoder = PrefixEncoder(config, self.layers, self.kv_heads, self.head_dim)
         self.prefix_encoder.to(next(base.parameters()).device)
+        self.disabled = False  # True inside disable_prefix(): the base runs alone
         if self.config.task_type == "SEQ_CLS":
             unfreeze_head(base)
 
@@ -187,10 +158,13 @@ class PrefixTuningModel(nn.Module):
         return DynamicCache([(kv[2 * i], kv[2 * i + 1]) for i in range(L)])
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, position_ids=None, **kwargs):
+        if self.disabled:
+            return self.base(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                             position_ids=position_ids, **kwargs)
         if kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:
             raise ValueError("PrefixTuningModel builds the cache itself (the prefix); for decoding "
                              "with a cache use generate()")
-        if self.training and checkpointing(self.base):
+        if self.training and is_checkpointing(self.base):
             raise ValueError(PREFIX_CHECKPOINTING)
         batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
         P = self.config.num_virtual_tokens
@@ -214,6 +188,8 @@ class PrefixTuningModel(nn.Module):
         """
         if self.config.task_type != "CAUSAL_LM":
             raise ValueError(f"generate() needs a causal LM, this model is {self.config.task_type}")
+        if self.disabled:
+            return self.base.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         # generate() repeats every row max(num_beams, num_return_sequences) times (transformers 5.x),
@@ -228,66 +204,32 @@ class PrefixTuningModel(nn.Module):
                                   **{cache_argument(self.base): self.past_key_values(rows)}, **kwargs)
 
 
-def unfreeze_head(base: nn.Module) -> None:
-    """Let a sequence classifier's head (``classifier`` or ``score``) train: it starts random."""
-    heads = [m for n, m in base.named_children() if n in HEAD_NAMES]
-    if not heads:
-        children = [n for n, _ in base.named_children()]
-        raise ValueError(f"no classification head named {HEAD_NAMES} among {children}")
-    for p in heads[0].parameters():
-        p.requires_grad_(True)
+def apply_prefix(model: nn.Module, config: PrefixConfig | None = None) -> PrefixTuningModel:
+    """Freeze ``model`` and give every attention layer a learned prefix; returns the wrapper to train.
+
+    The same as ``PrefixTuningModel(model, config)``; the base stays reachable as ``.base``.
+
+    >>> from peftlab.models import build_from_config
+    >>> type(apply_prefix(build_from_config("tiny-llama"), PrefixConfig(num_virtual_tokens=2))).__name__
+    'PrefixTuningModel'
+    """
+    return PrefixTuningModel(model, config or PrefixConfig())
 
 
-def head_state_dict(base: nn.Module) -> dict[str, torch.Tensor]:
-    """The head's tensors under HF peft's file keys (``base_model.classifier.weight``...)."""
-    return {f"base_model.{n}.{k}": v for n, m in base.named_children() if n in HEAD_NAMES
-            for k, v in m.state_dict().items()}
+def disable_prefix(model: PrefixTuningModel):
+    """Run the base model without its prefix inside a ``with`` block (a classifier keeps its trained head).
+
+    >>> from peftlab.models import build_from_config
+    >>> m = apply_prefix(build_from_config("tiny-llama"), PrefixConfig(num_virtual_tokens=2)).eval()
+    >>> ids = torch.tensor([[1, 2, 3]])
+    >>> with disable_prefix(m):
+    ...     torch.equal(m(ids).logits, m.base(ids).logits)
+    True
+    """
+    return base_alone(model, PrefixTuningModel, "disable_prefix", "apply_prefix's result")
 
 
 # --- files: HF peft's on-disk format (``PeftModel.from_pretrained`` loads them) ------------------
-def write_files(path, config_json: dict, tensors: dict[str, torch.Tensor]) -> int:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors``; return the bytes written."""
-    from safetensors.torch import save_file
-
-    os.makedirs(path, exist_ok=True)
-    weights, cfg = os.path.join(path, ADAPTER_WEIGHTS), os.path.join(path, ADAPTER_CONFIG)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, weights,
-              metadata={"format": "pt"})
-    with open(cfg, "w") as f:
-        json.dump(dict(config_json, inference_mode=True, num_transformer_submodules=1), f,
-                  indent=2, sort_keys=True)
-    return os.path.getsize(weights) + os.path.getsize(cfg)
-
-
-def read_files(path, peft_types: tuple[str, ...]) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Read an adapter directory whose ``peft_type`` is one of ``peft_types``."""
-    from safetensors.torch import load_file
-
-    cfg = os.path.join(path, ADAPTER_CONFIG)
-    if not os.path.isfile(cfg):
-        raise FileNotFoundError(f"{cfg} does not exist: is {path!r} an adapter directory?")
-    with open(cfg) as f:
-        raw = json.load(f)
-    if raw.get("peft_type") not in peft_types:
-        raise ValueError(f"{path} holds a {raw.get('peft_type')} adapter; expected one of {peft_types}")
-    return raw, load_file(os.path.join(path, ADAPTER_WEIGHTS))
-
-
-def check_fits(path, raw: dict, expected: dict, tensors: dict, shapes: dict) -> None:
-    """Raise ``ValueError`` when a file's dimensions or tensors do not fit this model."""
-    for key, value in expected.items():
-        if raw.get(key) != value:
-            raise ValueError(f"adapter at {path} was made for another model: {key}={raw.get(key)!r}, "
-                             f"this model has {value!r}")
-    if set(tensors) != set(shapes):
-        raise ValueError(f"adapter at {path} was made for another model: it holds {sorted(tensors)}, "
-                         f"this model needs {sorted(shapes)}")
-    for key, shape in shapes.items():
-        if tuple(tensors[key].shape) != tuple(shape):
-            raise ValueError(f"adapter at {path} was made for another model: {key} has shape "
-                             f"{tuple(tensors[key].shape)}, this model needs {tuple(shape)}")
-
-
 def save_prefix(model: PrefixTuningModel, path) -> int:
     """Save the prefix (and a classifier's head) as HF peft does; return the bytes written.
 
@@ -295,36 +237,33 @@ def save_prefix(model: PrefixTuningModel, path) -> int:
     reparametrisation only helps training (HF peft does the same).
     """
     cfg, token_dim = model.config, model.kv_heads * model.head_dim
-    tensors = {"prompt_embeddings": model.prefix_encoder(), **head_state_dict(model.base)}
-    return write_files(path, dict(
+    tensors = {"prompt_embeddings": model.prefix_encoder(), **head_tensors(model.base)}
+    return files.write_adapter(path, dict(
         asdict(cfg), peft_type=cfg.peft_type, num_layers=model.layers, num_attention_heads=model.kv_heads,
         token_dim=token_dim, encoder_hidden_size=cfg.encoder_hidden_size or token_dim,
-        base_model_name_or_path=getattr(model.base.config, "_name_or_path", None),
+        base_model_name_or_path=files.base_model_name(model.base), inference_mode=True,
+        num_transformer_submodules=1,
     ), tensors)
 
 
 def load_prefix(base: nn.Module, path) -> PrefixTuningModel:
     """Wrap ``base`` with the prefix saved at ``path`` (by :func:`save_prefix` or by HF peft).
 
-    Raises ``ValueError`` when the file was made for another model (other layer count or key width).
+    Raises :class:`peftlab.files.AdapterFileError` (a ``ValueError``) when the directory is not a
+    prefix or was made for another model (other layer count or key width).
     """
-    raw, tensors = read_files(path, ("PREFIX_TUNING",))
+    raw = files.read_config(path, PrefixConfig.peft_type)
     layers, kv_heads, head_dim = kv_dims(base.config)
-    P = raw["num_virtual_tokens"]
-    check_fits(path, raw, dict(task_type=task_type_of(base), num_layers=layers, num_attention_heads=kv_heads,
-                               token_dim=kv_heads * head_dim), tensors,
-               {"prompt_embeddings": (P, 2 * layers * kv_heads * head_dim),
-                **{k: v.shape for k, v in head_state_dict(base).items()}})
-    model = PrefixTuningModel(base, PrefixConfig(num_virtual_tokens=P, task_type=raw["task_type"]))
-    load_head_and(model, tensors, model.prefix_encoder.embedding.weight)
+    files.check_fields(path, raw, dict(task_type=task_type_of(base), num_layers=layers,
+                                       num_attention_heads=kv_heads, token_dim=kv_heads * head_dim))
+    tensors = files.read_tensors(path)
+    # No projection: the file holds the prefix itself.
+    model = PrefixTuningModel(base, files.make_config(path, PrefixConfig, raw, prefix_projection=False,
+                                                      encoder_hidden_size=None))
+    files.copy_into(path, {"prompt_embeddings": model.prefix_encoder.embedding.weight, **head_tensors(base)},
+                    tensors)
     return model
 
 
-def load_head_and(model: nn.Module, tensors: dict, weight: torch.Tensor) -> None:
-    """Copy ``prompt_embeddings`` into ``weight`` and any head tensors into ``model.base``'s head."""
-    with torch.no_grad():
-        weight.copy_(tensors["prompt_embeddings"])
-        for n, m in model.base.named_children():
-            if n in HEAD_NAMES:
-                m.load_state_dict({k.removeprefix(f"base_model.{n}."): v for k, v in tensors.items()
-                                   if k.startswith(f"base_model.{n}.")})
+files.register(PrefixConfig.peft_type, save=save_prefix, load=load_prefix,
+               applied=lambda model: isinstance(model, PrefixTuningModel))

@@ -35,19 +35,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from . import files
+from .heads import TASK_TYPES, base_alone, head_tensors, task_type_of, unfreeze_head, with_task_type
 from .inject import freeze
-from .prefix import (
-    check_fits,
-    check_positive,
-    check_task_type,
-    head_state_dict,
-    load_head_and,
-    read_files,
-    task_type_of,
-    unfreeze_head,
-    with_task_type,
-    write_files,
-)
+from .validate import one_of, positive_int
 
 INITS = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
 
@@ -69,13 +60,12 @@ class PromptTuningConfig:
     task_type: str | None = None  # "SEQ_CLS" or "CAUSAL_LM"; None: read from the model
 
     def __post_init__(self):
-        check_positive("num_virtual_tokens", self.num_virtual_tokens)
-        if self.prompt_tuning_init not in INITS:
-            raise ValueError(f"prompt_tuning_init must be one of {INITS}, got {self.prompt_tuning_init!r}")
+        positive_int("num_virtual_tokens", self.num_virtual_tokens)
+        one_of("prompt_tuning_init", self.prompt_tuning_init, INITS)
         if self.prompt_tuning_init == "TEXT" and not self.prompt_tuning_init_text:
             raise ValueError("prompt_tuning_init='TEXT' needs prompt_tuning_init_text, "
                              "e.g. 'Classify the sentiment:'")
-        check_task_type(self.task_type)
+        one_of("task_type", self.task_type, TASK_TYPES)
 
 
 class SoftPrompt(nn.Module):
@@ -135,6 +125,7 @@ class PromptTuningModel(nn.Module):
         embed = base.get_input_embeddings()
         self.prompt_encoder = prompt_encoder or self._soft_prompt(config, embed, tokenizer)
         self.prompt_encoder.to(embed.weight.device)
+        self.disabled = False  # True inside disable_prompt(): the base runs alone
         if self.config.task_type == "SEQ_CLS":
             unfreeze_head(base)
 
@@ -178,6 +169,9 @@ class PromptTuningModel(nn.Module):
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
                 token_type_ids=None, **kwargs):
+        if self.disabled:
+            return self.base(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                             labels=labels, token_type_ids=token_type_ids, **kwargs)
         if any(kwargs.get(k) is not None for k in ("position_ids", "past_key_values", "cache")):
             raise ValueError("position_ids and a cache (past_key_values) are not supported: the virtual tokens take "
                              "positions 0..P-1 and the model numbers the rest; use generate() to decode")
@@ -195,10 +189,39 @@ class PromptTuningModel(nn.Module):
         """
         if self.config.task_type != "CAUSAL_LM":
             raise ValueError(f"generate() needs a causal LM, this model is {self.config.task_type}")
+        if self.disabled:
+            return self.base.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         new = self.base.generate(**self.build_inputs(input_ids, attention_mask), **kwargs)  # only new tokens
         return torch.cat([input_ids.repeat_interleave(new.shape[0] // input_ids.shape[0], dim=0), new], dim=1)
+
+
+def apply_prompt(model: nn.Module, config: PromptTuningConfig | None = None, tokenizer=None) -> PromptTuningModel:
+    """Freeze ``model`` and prepend learned virtual tokens; returns the wrapper to train.
+
+    The same as ``PromptTuningModel(model, config, tokenizer)`` (the tokenizer only for ``"TEXT"`` init).
+
+    >>> from peftlab.models import build_from_config
+    >>> type(apply_prompt(build_from_config("tiny-llama"), PromptTuningConfig(num_virtual_tokens=2))).__name__
+    'PromptTuningModel'
+    """
+    return PromptTuningModel(model, config or PromptTuningConfig(), tokenizer)
+
+
+def disable_prompt(model: PromptTuningModel):
+    """Run the base model without its virtual tokens inside a ``with`` block (prompt tuning or P-tuning).
+
+    A classifier keeps its trained head.
+
+    >>> from peftlab.models import build_from_config
+    >>> m = apply_prompt(build_from_config("tiny-llama"), PromptTuningConfig(num_virtual_tokens=2)).eval()
+    >>> ids = torch.tensor([[1, 2, 3]])
+    >>> with disable_prompt(m):
+    ...     torch.equal(m(ids).logits, m.base(ids).logits)
+    True
+    """
+    return base_alone(model, PromptTuningModel, "disable_prompt", "apply_prompt's or apply_ptuning's result")
 
 
 # --- files: HF peft's on-disk format (``PeftModel.from_pretrained`` loads them) ------------------
@@ -209,25 +232,36 @@ def save_prompt(model: PromptTuningModel, path) -> int:
     """
     cfg, base = model.config, model.base
     text_config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
-    return write_files(path, dict(
+    return files.write_adapter(path, dict(
         asdict(cfg), peft_type=cfg.peft_type, token_dim=base.get_input_embeddings().embedding_dim,
         num_layers=text_config.num_hidden_layers, num_attention_heads=text_config.num_attention_heads,
-        base_model_name_or_path=getattr(base.config, "_name_or_path", None),
+        base_model_name_or_path=files.base_model_name(base), inference_mode=True, num_transformer_submodules=1,
         # HF peft's config insists on a tokenizer for "TEXT" even when it only loads the values.
-        tokenizer_name_or_path=getattr(base.config, "_name_or_path", None) or "unknown",
-    ), {"prompt_embeddings": model.prompt_encoder(), **head_state_dict(base)})
+        tokenizer_name_or_path=files.base_model_name(base) or "unknown",
+    ), {"prompt_embeddings": model.prompt_encoder(), **head_tensors(base)})
 
 
 def load_prompt(base: nn.Module, path) -> PromptTuningModel:
     """Wrap ``base`` with the soft prompt saved at ``path`` (prompt tuning or P-tuning; ours or HF peft's).
 
-    Raises ``ValueError`` when the file was made for another model (other embedding width or task).
+    Raises :class:`peftlab.files.AdapterFileError` (a ``ValueError``) when the directory is not a
+    soft prompt or was made for another model (other embedding width or task).
     """
-    raw, tensors = read_files(path, ("PROMPT_TUNING", "P_TUNING"))
+    raw = files.read_config(path, (PromptTuningConfig.peft_type, "P_TUNING"))
     d = base.get_input_embeddings().embedding_dim
-    P = raw["num_virtual_tokens"]
-    check_fits(path, raw, dict(task_type=task_type_of(base), token_dim=d), tensors,
-               {"prompt_embeddings": (P, d), **{k: v.shape for k, v in head_state_dict(base).items()}})
-    model = PromptTuningModel(base, PromptTuningConfig(num_virtual_tokens=P, task_type=raw["task_type"]))
-    load_head_and(model, tensors, model.prompt_encoder.embedding)
+    files.check_fields(path, raw, dict(task_type=task_type_of(base), token_dim=d))
+    tensors = files.read_tensors(path)
+    # A P-tuning file holds f(E) itself, so it loads as a plain soft prompt; its init is already in the values.
+    config = files.make_config(path, PromptTuningConfig, raw, prompt_tuning_init="RANDOM",
+                               prompt_tuning_init_text=None)
+    model = PromptTuningModel(base, config)
+    files.copy_into(path, {"prompt_embeddings": model.prompt_encoder.embedding, **head_tensors(base)}, tensors)
     return model
+
+
+def is_prompt_model(model: nn.Module, peft_type: str = PromptTuningConfig.peft_type) -> bool:
+    """Whether ``model`` is a :class:`PromptTuningModel` of ``peft_type`` (``"P_TUNING"``: an ``apply_ptuning``)."""
+    return isinstance(model, PromptTuningModel) and model.config.peft_type == peft_type
+
+
+files.register(PromptTuningConfig.peft_type, save=save_prompt, load=load_prompt, applied=is_prompt_model)

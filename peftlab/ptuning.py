@@ -23,8 +23,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .prefix import check_positive, check_task_type
-from .prompt import PromptTuningModel
+from . import files
+from .heads import TASK_TYPES
+from .prompt import PromptTuningModel, is_prompt_model, load_prompt, save_prompt
+from .validate import in_range, one_of, positive_int
 
 ENCODER_TYPES = ("MLP", "LSTM")
 
@@ -48,16 +50,13 @@ class PTuningConfig:
     task_type: str | None = None  # "SEQ_CLS" or "CAUSAL_LM"; None: read from the model
 
     def __post_init__(self):
-        check_positive("num_virtual_tokens", self.num_virtual_tokens)
-        if self.encoder_reparameterization_type not in ENCODER_TYPES:
-            raise ValueError(f"encoder_reparameterization_type must be one of {ENCODER_TYPES}, "
-                             f"got {self.encoder_reparameterization_type!r}")
+        positive_int("num_virtual_tokens", self.num_virtual_tokens)
+        one_of("encoder_reparameterization_type", self.encoder_reparameterization_type, ENCODER_TYPES)
         if self.encoder_hidden_size is not None:
-            check_positive("encoder_hidden_size", self.encoder_hidden_size)
-        check_positive("encoder_num_layers", self.encoder_num_layers)
-        if not 0.0 <= self.encoder_dropout < 1.0:
-            raise ValueError(f"encoder_dropout must be in [0, 1), got {self.encoder_dropout!r}")
-        check_task_type(self.task_type)
+            positive_int("encoder_hidden_size", self.encoder_hidden_size)
+        positive_int("encoder_num_layers", self.encoder_num_layers)
+        in_range("encoder_dropout", self.encoder_dropout, 0, 1)
+        one_of("task_type", self.task_type, TASK_TYPES)
 
 
 class PromptEncoder(nn.Module):
@@ -93,7 +92,9 @@ class PromptEncoder(nn.Module):
 def apply_ptuning(model: nn.Module, config: PTuningConfig) -> PromptTuningModel:
     """Freeze ``model`` and prepend virtual tokens made by a :class:`PromptEncoder`.
 
-    Save and load it with :func:`peftlab.prompt.save_prompt` / :func:`peftlab.prompt.load_prompt`.
+    Save and load it with :func:`peftlab.prompt.save_prompt` / :func:`peftlab.prompt.load_prompt`
+    (or ``peftlab.save_adapter`` / ``load_adapter``): the file holds the virtual tokens ``f(E)``, so it
+    loads as a plain soft prompt. Run the base alone with :func:`peftlab.prompt.disable_prompt`.
 
     >>> from peftlab.models import build_from_config
     >>> m = apply_ptuning(build_from_config("tiny-llama"), PTuningConfig(num_virtual_tokens=3))
@@ -102,3 +103,8 @@ def apply_ptuning(model: nn.Module, config: PTuningConfig) -> PromptTuningModel:
     """
     encoder = PromptEncoder(config, model.get_input_embeddings().embedding_dim)
     return PromptTuningModel(model, config, prompt_encoder=encoder)
+
+
+# A P_TUNING file (ours or HF peft's, peft_type "P_TUNING") loads as a plain soft prompt.
+files.register(PTuningConfig.peft_type, save=save_prompt, load=load_prompt,
+               applied=lambda model: is_prompt_model(model, PTuningConfig.peft_type))

@@ -1,4 +1,8 @@
-"""A small, readable training loop for sequence classification, with time and peak-memory figures.
+"""One small, readable training loop (AdamW on whatever requires grad), with time and peak-memory figures.
+
+:func:`train` serves every run in peftlab: sequence classification from a DataLoader, causal-LM batches
+(instruction tuning, the memory measurements, the tests' short runs); the loss is the model's own
+(``model(**batch).loss``, HF's cross-entropy over ``labels``).
 
 Peak memory: ``torch.cuda.max_memory_allocated`` on a GPU; on the CPU the process's peak resident
 set size (``ru_maxrss``: weights, activations, optimizer states, the Python interpreter and its
@@ -17,6 +21,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -87,7 +92,7 @@ def make_loader(dataset, tokenizer, batch_size: int, shuffle: bool, seed: int = 
 
 
 def _to_inputs(batch: dict, device: torch.device) -> dict:
-    batch = {k: v.to(device) for k, v in batch.items()}
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}  # use_cache=False
     if "label" in batch:
         batch["labels"] = batch.pop("label")
     return batch
@@ -110,14 +115,27 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | None =
     return correct / max(seen, 1)
 
 
-def train(model: nn.Module, train_loader: DataLoader, eval_loader: DataLoader | None = None, steps: int = 100,
-          lr: float = 5e-4, weight_decay: float = 0.0, seed: int = 0, evaluate_before: bool = False,
-          desc: str = "train", progress: bool = True) -> TrainResult:
-    """Train the parameters that require grad with AdamW for ``steps`` steps (cycling the loader).
+def train(model: nn.Module, train_loader: Iterable[dict], eval_loader: DataLoader | None = None, steps: int = 100,
+          lr: float = 5e-4, weight_decay: float = 0.0, seed: int | None = 0, evaluate_before: bool = False,
+          desc: str = "train", progress: bool = True,
+          optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
+          after_step: Callable[[int], None] | None = None) -> TrainResult:
+    """Train the parameters that require grad for ``steps`` steps of ``model(**batch).loss``; a :class:`TrainResult`.
 
-    Returns a :class:`TrainResult`; ``accuracy`` is measured on ``eval_loader`` after training.
+    ``train_loader`` is any iterable of batches (dicts of model inputs with ``labels`` or ``label``): a DataLoader
+    is cycled, a generator may be endless. ``optimizer(params)`` builds the optimizer (default AdamW with ``lr``
+    and ``weight_decay``); ``seed`` seeds torch first (None: leave the generator as it is); ``after_step(step)``
+    runs after every optimizer step. ``accuracy`` is measured on ``eval_loader`` after training.
+
+    >>> from peftlab.models import build_from_config
+    >>> model = build_from_config("tiny-llama")
+    >>> ids = torch.randint(0, 256, (2, 8))
+    >>> result = train(model, [dict(input_ids=ids, labels=ids)], steps=3, lr=1e-2, progress=False)
+    >>> len(result.losses), result.losses[-1] < result.losses[0], result.trainable == result.total
+    (3, True, True)
     """
-    torch.manual_seed(seed)
+    if seed is not None:
+        torch.manual_seed(seed)
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -126,13 +144,13 @@ def train(model: nn.Module, train_loader: DataLoader, eval_loader: DataLoader | 
     result = TrainResult(trainable=trainable, total=total)
     if evaluate_before and eval_loader is not None:
         result.accuracy_before = evaluate(model, eval_loader, device)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    opt = optimizer(params) if optimizer else torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     model.train()
     batches = iter(train_loader)
     bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
     reset_peak_memory(device)
     start = time.perf_counter()
-    for _ in bar:
+    for step in bar:
         try:
             batch = next(batches)
         except StopIteration:  # another epoch
@@ -140,10 +158,14 @@ def train(model: nn.Module, train_loader: DataLoader, eval_loader: DataLoader | 
             batch = next(batches)
         loss = model(**_to_inputs(batch, device)).loss
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        result.losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        value = loss.item()
+        del loss  # the graph's last references go before the step (the peak of the memory study)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        result.losses.append(value)
+        bar.set_postfix(loss=f"{value:.3f}")
+        if after_step is not None:
+            after_step(step)
     result.seconds_per_step = (time.perf_counter() - start) / max(steps, 1)
     result.peak_memory_bytes = peak_memory_bytes(device)
     if eval_loader is not None:

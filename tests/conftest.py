@@ -63,17 +63,16 @@ def smollm2(_smollm2_once):
 
 
 def _lm_losses(model, ids: torch.Tensor, steps: int, lr: float) -> list[float]:
-    """Train ``model``'s trainable parameters with AdamW on ``ids`` as its own labels; the loss of every step."""
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
+    """Train ``model``'s trainable parameters with AdamW on ``ids`` as its own labels; the loss of every step.
+
+    peftlab's one training loop, on one batch; AdamW's default weight decay (0.01); the test's seed left as it is.
+    """
+    from itertools import repeat
+
+    from peftlab.train import train
+
+    batches = repeat(dict(input_ids=ids, labels=ids))
+    return train(model, batches, steps=steps, lr=lr, weight_decay=0.01, seed=None, progress=False).losses
 
 
 @pytest.fixture

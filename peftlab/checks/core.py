@@ -176,9 +176,9 @@ def assert_own_work(*objs, forbidden: tuple[str, ...] = FORBIDDEN) -> None:
 # --- small models the checkers build (never the student's) ----------------------------------------
 def bert_config(name: str = "minilm-l6", **overrides):
     """A ``BertConfig``: one of peftlab's real configs, with fields overridden (odd sizes for hidden tests)."""
-    from ..models import get_config
+    from ..models import arch_config
 
-    config = get_config(name)
+    config = arch_config(name)
     for k, v in overrides.items():
         setattr(config, k, v)
     return config
@@ -186,8 +186,8 @@ def bert_config(name: str = "minilm-l6", **overrides):
 
 def tiny_model(name: str = "tiny-bert"):
     """A small random classifier from a real architecture (same seed, same weights every call)."""
-    from ..models import build_from_config, get_config
+    from ..models import arch_config, build_from_config
 
-    config = get_config(name)
+    config = arch_config(name)
     config.pad_token_id = 0  # Llama has none; sequence classification needs one to find the last token
     return build_from_config(config, task="classification", num_labels=3, seed=0)

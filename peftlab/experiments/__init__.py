@@ -3,6 +3,8 @@
 They use the library (``peftlab``) and nothing in the library imports them. ``peftlab compare|memory``
 (:mod:`.cli`) runs them from a terminal; ``make course`` writes their reports into ``reports/``.
 
+- :mod:`.methods`: the one method table (how each method is applied, its learning rate, the notes' claim, 4-bit or
+  not, modelled or not) that the comparison and the memory model share.
 - :mod:`.comparison`: one fine-tuning run per method on tweet sentiment, and the comparison table and plot.
 - :mod:`.memory`: the analytic memory model (weights, gradients, optimizer state, activations) and its measurement.
 - :mod:`.memory_report`: the memory comparison report (135M to 70B, with GPU and CPU measurements).

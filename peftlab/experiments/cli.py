@@ -1,26 +1,104 @@
-"""The ``peftlab`` command: one sub-command per job (compare, memory, ...)."""
+"""The ``peftlab`` command: ``peftlab compare`` (fine-tuning runs, reports/) and ``peftlab memory`` (peak memory).
+
+Each sub-command is a pair here, ``add_<name>_arguments(parser)`` and ``run_<name>(args)``; the work itself is
+in :mod:`.comparison` and :mod:`.memory`.
+"""
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import json
+import os
 import sys
 
-# Modules that add a sub-command: each defines ``add_cli(subparsers)`` setting ``func`` on its parser.
-SUBCOMMAND_MODULES = ["peftlab.experiments.cli_compare", "peftlab.experiments.memory"]
+from ..models import ARCH_CONFIGS, arch_config
+from .memory import METHODS, OPTIMIZERS, QUANT_BACKENDS, MemoryConfig, estimate, format_table, measure_cpu, measure_gpu
+from .methods import COMPARED
+
+FAST = dict(steps=10, limit=64, eval_limit=64)  # compare --fast: checks that every method runs (minutes on a CPU)
+
+
+# --- peftlab compare ----------------------------------------------------------------------------------------------
+def add_compare_arguments(p: argparse.ArgumentParser, methods: str = "full,lora", steps: int = 200,
+                          name: str = "lora_vs_full") -> None:
+    """The options of ``peftlab compare`` (benchmarks/compare_methods.py reuses them with its own defaults)."""
+    p.add_argument("--methods", default=methods, help=f"comma-separated (e.g. full,lora) or 'all': {COMPARED}")
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--limit", type=int, default=2000, help="training examples (stratified subset)")
+    p.add_argument("--eval-limit", type=int, default=500)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--fast", action="store_true", help=f"a smoke test: {FAST}, report name ends in _fast")
+    p.add_argument("--out", default="reports")
+    p.add_argument("--name", default=None, help=f"report file stem (default {name}, or {name}_fast)")
+    p.set_defaults(func=run_compare, default_name=name)
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from .comparison import check_method, compare, summary_lines
+
+    methods = list(COMPARED) if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
+    for method in methods:
+        check_method(method)
+    sizes = FAST if args.fast else dict(steps=args.steps, limit=args.limit, eval_limit=args.eval_limit)
+    name = args.name or args.default_name + ("_fast" if args.fast else "")
+    rows = compare(methods, out_dir=args.out, name=name, batch_size=args.batch_size, **sizes)
+    print("\n".join(summary_lines(rows)))
+    print(f"wrote {args.out}/{name}.(json|csv|md|png)")
+    return 0
+
+
+# --- peftlab memory -----------------------------------------------------------------------------------------------
+def add_memory_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``peftlab memory``: one :class:`.memory.MemoryConfig`, and whether to measure it."""
+    p.add_argument("--model", default="smollm2-135m", help=f"one of {sorted(ARCH_CONFIGS)} or a config.json path")
+    p.add_argument("--method", default="lora", help=f"one of {METHODS}")
+    p.add_argument("--r", type=int, default=8)
+    p.add_argument("--targets", default=None, help="comma-separated LoRA target modules")
+    p.add_argument("--dtype", default=None, help="fp32 or bf16 (default: bf16 on a GPU, fp32 on the CPU)")
+    p.add_argument("--optimizer", default="adamw", help=f"one of {OPTIMIZERS}")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--num-virtual-tokens", type=int, default=20, help="prefix and prompt tuning")
+    p.add_argument("--reduction-factor", type=int, default=16, help="adapters: bottleneck m = d / reduction factor")
+    p.add_argument("--quant-backend", default="bnb", help=f"QLoRA's 4-bit layer: one of {QUANT_BACKENDS}")
+    p.add_argument("--measure", action="store_true", help="run two real training steps and compare")
+    p.add_argument("--json", default=None, help="write the estimate (and measurement) to this file")
+    p.set_defaults(func=run_memory)
+
+
+def run_memory(args: argparse.Namespace) -> int:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    model = args.model
+    if model not in ARCH_CONFIGS and not os.path.exists(model):  # a clear error before anything else
+        raise ValueError(f"unknown model {model!r}: choose one of {sorted(ARCH_CONFIGS)} or give a config.json path")
+    task = "classification" if arch_config(model).model_type == "bert" else "causal_lm"
+    cfg = MemoryConfig(model=model, method=args.method, r=args.r, dtype=args.dtype or ("bf16" if cuda else "fp32"),
+                       target_modules=args.targets.split(",") if args.targets else None, optimizer=args.optimizer,
+                       batch=args.batch, seq=args.seq, grad_checkpointing=args.grad_checkpointing,
+                       num_virtual_tokens=args.num_virtual_tokens, reduction_factor=args.reduction_factor, task=task,
+                       quant_backend=args.quant_backend)
+    e = estimate(cfg)
+    measured = None
+    if args.measure:
+        measured = measure_gpu(cfg) if cuda else measure_cpu(cfg)
+        measured["device"] = torch.cuda.get_device_name() if cuda else "cpu (peak RSS above the baseline)"
+    print(format_table(e, measured))
+    out = dict(estimate=e.to_dict(), measured=measured)
+    path = args.json or f"memory_{model.replace('/', '_')}_{args.method}.json"
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1, default=str)
+    print(f"wrote {path}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="peftlab", description=__doc__)
+    parser = argparse.ArgumentParser(prog="peftlab", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in SUBCOMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
-            continue  # a sub-command whose module is not written yet
-        module.add_cli(sub)
+    add_compare_arguments(sub.add_parser("compare", help="full fine-tuning, LoRA, adapters, ... on tweet sentiment"))
+    add_memory_arguments(sub.add_parser("memory", help="predict (and measure) the peak memory of one training step"))
     return parser
 
 

@@ -22,123 +22,21 @@ References:
 from __future__ import annotations
 
 import csv
-import inspect
 import json
 import os
 import tempfile
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-SaveFn = Callable[[nn.Module, str], int]  # save(model, directory) -> bytes written
-HEAD = "classifier"  # BERT's sequence-classification head: every PEFT method here trains it too, as HF peft does
+from .methods import COMPARED, Method, SaveFn, classifier_head
+from .methods import METHODS as ALL_METHODS
+from .methods import apply_method as _apply
 
-
-# --- the methods: each applies itself in place and returns (model to train, save function) -------
-# Imports are inside the functions so that importing this module stays cheap.
-def save_full(model: nn.Module, path: str) -> int:
-    """Full fine-tuning's file: the whole model (``save_pretrained``)."""
-    model.save_pretrained(path)
-    return sum(f.stat().st_size for f in Path(path).iterdir())
-
-
-def save_trainable(model: nn.Module, path: str) -> int:
-    """The tensors that train (BitFit: the biases and the head) in one safetensors file."""
-    from safetensors.torch import save_file
-
-    os.makedirs(path, exist_ok=True)
-    file = os.path.join(path, "trainable.safetensors")
-    save_file({n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}, file)
-    return os.path.getsize(file)
-
-
-def _full(model: nn.Module, tokenizer=None) -> tuple[nn.Module, SaveFn]:
-    return model, save_full
-
-
-def _lora(model: nn.Module, tokenizer=None, r: int = 8, lora_alpha: float = 16.0,
-          target_modules: list[str] | None = None) -> tuple[nn.Module, SaveFn]:
-    from ..lora import LoraConfig, apply_lora, save_adapter
-
-    config = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=target_modules or ["query", "value"],
-                        modules_to_save=[HEAD], task_type="SEQ_CLS")
-    return apply_lora(model, config), save_adapter
-
-
-def _adapters(placement: str) -> Callable[..., tuple[nn.Module, SaveFn]]:
-    def apply(model: nn.Module, tokenizer=None, reduction_factor: int = 16) -> tuple[nn.Module, SaveFn]:
-        from ..adapters import AdapterConfig, apply_adapters, save_adapter
-
-        # num_labels: the adapter gets a head of its own, starting from the model's (same labels).
-        config = AdapterConfig(placement=placement, reduction_factor=reduction_factor,
-                               num_labels=model.config.num_labels)
-        return apply_adapters(model, config), save_adapter
-    return apply
-
-
-def _prefix(model: nn.Module, tokenizer=None, num_virtual_tokens: int = 20,
-            prefix_projection: bool = False) -> tuple[nn.Module, SaveFn]:
-    from ..prefix import PrefixConfig, PrefixTuningModel, save_prefix
-
-    config = PrefixConfig(num_virtual_tokens=num_virtual_tokens, prefix_projection=prefix_projection)
-    return PrefixTuningModel(model, config), save_prefix
-
-
-def _prompt(model: nn.Module, tokenizer=None, num_virtual_tokens: int = 20, prompt_tuning_init: str = "TEXT",
-            prompt_tuning_init_text: str | None = "Classify the sentiment:") -> tuple[nn.Module, SaveFn]:
-    from ..prompt import PromptTuningConfig, PromptTuningModel, save_prompt
-
-    # Lester et al. (Section 3.2): initialising from real words' embeddings beats random at small scale.
-    config = PromptTuningConfig(num_virtual_tokens=num_virtual_tokens, prompt_tuning_init=prompt_tuning_init,
-                                prompt_tuning_init_text=prompt_tuning_init_text)
-    return PromptTuningModel(model, config, tokenizer), save_prompt
-
-
-def _ia3(model: nn.Module, tokenizer=None) -> tuple[nn.Module, SaveFn]:
-    from ..ia3 import DEFAULT_TARGETS, IA3Config, apply_ia3, save_ia3
-
-    model_type = model.config.model_type
-    if model_type not in DEFAULT_TARGETS:
-        raise ValueError(f"ia3 has default targets for {sorted(DEFAULT_TARGETS)}, not {model_type!r}")
-    # Named explicitly (not left to apply_ia3's defaults) so the saved config records them.
-    return apply_ia3(model, IA3Config(*DEFAULT_TARGETS[model_type], modules_to_save=[HEAD])), save_ia3
-
-
-def _bitfit(model: nn.Module, tokenizer=None) -> tuple[nn.Module, SaveFn]:
-    from ..bitfit import apply_bitfit
-
-    return apply_bitfit(model, modules_to_save=[HEAD]), save_trainable
-
-
-@dataclass(frozen=True)
-class Method:
-    """A registered method: ``apply(model, tokenizer, **kwargs) -> (model to train, save)``, its AdamW
-    learning rate, and the trainable share (%, task head excluded) the course notes claim, if any."""
-
-    apply: Callable[..., tuple[nn.Module, SaveFn]]
-    lr: float
-    claim: tuple[float, float] | None = None
-
-
-# Learning rates: the usual order of magnitude for each method (its paper or HF peft's examples); the
-# methods that train few numbers want larger steps (LoRA paper, App. D; Lester et al. use 0.3 for prompts).
-# Claims: the course notes' tables (seeds 001 and 002), which disagree with each other for prefix
-# tuning (0.1-0.5 % vs 1-2 %): the union is checked. None: the notes make no claim.
-METHODS: dict[str, Method] = {
-    "full": Method(_full, lr=5e-5),
-    "lora": Method(_lora, lr=1e-3, claim=(0.1, 1.0)),
-    "houlsby": Method(_adapters("houlsby"), lr=1e-3, claim=(1.0, 5.0)),
-    "pfeiffer": Method(_adapters("pfeiffer"), lr=1e-3, claim=(1.0, 5.0)),
-    "prefix": Method(_prefix, lr=1e-2, claim=(0.1, 2.0)),
-    "prompt": Method(_prompt, lr=3e-2, claim=(0.0, 0.1)),
-    "ia3": Method(_ia3, lr=3e-3),
-    "bitfit": Method(_bitfit, lr=1e-3),
-}
+METHODS: dict[str, Method] = {name: ALL_METHODS[name] for name in COMPARED}  # the table's compared methods
 DEFAULT_LR = {name: m.lr for name, m in METHODS.items()}
 CLAIMED = {name: m.claim for name, m in METHODS.items() if m.claim is not None}
 
@@ -154,14 +52,14 @@ def check_method(method: str, **method_kwargs) -> None:
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
-    options = list(inspect.signature(METHODS[method].apply).parameters)[2:]  # after (model, tokenizer)
+    options = METHODS[method].options
     for key in method_kwargs:
         if key not in options:
             raise ValueError(f"method {method!r} takes no option {key!r}; its options: {options}")
 
 
 def apply_method(method: str, model: nn.Module, tokenizer=None, **method_kwargs) -> tuple[nn.Module, SaveFn]:
-    """Apply ``method`` to a sequence classifier (in place); return ``(model to train, save)``.
+    """Apply ``method`` to a sequence classifier (in place), its head trained too; return ``(model to train, save)``.
 
     >>> from peftlab.models import build_from_config
     >>> from peftlab.inject import count_parameters
@@ -170,7 +68,8 @@ def apply_method(method: str, model: nn.Module, tokenizer=None, **method_kwargs)
     4291
     """
     check_method(method, **method_kwargs)
-    return METHODS[method].apply(model, tokenizer, **method_kwargs)
+    # Every method here trains the classifier's head too (BERT's "classifier"), as HF peft does.
+    return _apply(method, model, tokenizer, head=classifier_head(model), **method_kwargs)
 
 
 def finetune(method: str = "lora", steps: int = 200, limit: int | None = 2000, eval_limit: int = 500,
@@ -193,8 +92,9 @@ def finetune(method: str = "lora", steps: int = 200, limit: int | None = 2000, e
     eval_ds = data["validation"].select(range(min(eval_limit, len(data["validation"]))))
     base, tokenizer = load_classifier(num_labels=3)  # seeded above: the same head weights for every method
     base.to(default_device())
+    head_name = classifier_head(base)
     model, save = apply_method(method, base, tokenizer, **method_kwargs)
-    head = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and HEAD in n)
+    head = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and head_name in n)
     train_loader = make_loader(tokenize(train_ds, tokenizer, max_length), tokenizer, batch_size,
                                shuffle=True, seed=seed)
     eval_loader = make_loader(tokenize(eval_ds, tokenizer, max_length), tokenizer, 64, shuffle=False)

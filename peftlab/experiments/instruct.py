@@ -16,14 +16,13 @@ References:
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass, field
+import itertools
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from ..inject import count_parameters
 from ..lora import LoraConfig, apply_lora, lora_layers
 from ..quant import (
     CODEBOOKS,
@@ -35,6 +34,7 @@ from ..quant import (
     nearest_code,
     quantize_model,
 )
+from ..train import TrainResult, train
 
 IGNORE_INDEX = -100  # cross_entropy's ignore_index: these positions add nothing to the loss
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -65,8 +65,8 @@ def tokenize_chat(tokenizer, pairs: list[tuple[str, str]], max_length: int = 64,
     and when to stop, not to repeat the system and user text it is given. Examples longer than
     ``max_length`` are cut from the right (the answer is cut, the prompt kept).
 
-    >>> from peftlab.models import load_causal_lm
-    >>> tok = load_causal_lm()[1]
+    >>> from peftlab.models import load_causal_lm_tokenizer
+    >>> tok = load_causal_lm_tokenizer()
     >>> ex = tokenize_chat(tok, [("2+2?", "4.")])[0]
     >>> tok.decode(ex["input_ids"][ex["labels"] != -100])
     '4.<|im_end|>'
@@ -109,21 +109,28 @@ def collate(examples: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, t
 
 
 @dataclass
-class QLoraResult:
-    """What :func:`qlora_finetune` reports."""
+class QLoraResult(TrainResult):
+    """What :func:`qlora_finetune` reports: the training run's figures (losses per step, seconds per step, peak
+    memory, parameter counts) and the loss on the answers and the bytes of the base and the adapters."""
 
-    losses: list[float] = field(default_factory=list)  # training loss per step
     eval_loss_before: float = 0.0  # mean loss over all examples before training (eval mode)
     eval_loss_after: float = 0.0
-    seconds_per_step: float = 0.0
     base_bytes: int = 0  # bytes of the quantized base (packed weights, scales, unquantized layers)
     base_bytes_before: int = 0  # the same model before quantization
     adapter_bytes: int = 0
-    trainable: int = 0
-    total: int = 0
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+
+def chat_batches(examples: list[dict[str, torch.Tensor]], batch_size: int, pad_id: int) -> Iterator[dict]:
+    """Endless padded batches of ``examples`` in one random order (drawn at the first batch), wrapping around.
+
+    >>> ex = [{"input_ids": torch.tensor([i, i]), "labels": torch.tensor([-100, i])} for i in range(3)]
+    >>> batch = next(chat_batches(ex, 4, pad_id=0))
+    >>> batch["input_ids"].shape  # 4 of the 3 examples: the order wraps around
+    torch.Size([4, 2])
+    """
+    order = torch.randperm(len(examples)).tolist()
+    for step in itertools.count():
+        yield collate([examples[order[(step * batch_size + j) % len(order)]] for j in range(batch_size)], pad_id)
 
 
 @torch.no_grad()
@@ -154,7 +161,7 @@ def qlora_finetune(model: nn.Module, tokenizer, examples: list[tuple[str, str]] 
     :func:`tokenize_chat`, or any ``input_ids``/``labels`` pairs) to skip the tokenizer. The
     4-bit weights never change: AdamW only sees the LoRA parameters.
 
-    Usage (``tests/experiments/test_qlora_finetune.py`` runs it on three layers of SmolLM2)::
+    Usage (``tests/experiments/test_instruct.py`` runs it on three layers of SmolLM2)::
 
         model, tok = load_causal_lm()
         res = qlora_finetune(model, tok, steps=10)
@@ -167,37 +174,22 @@ def qlora_finetune(model: nn.Module, tokenizer, examples: list[tuple[str, str]] 
             raise ValueError("qlora_finetune needs a tokenizer, or already tokenized examples (tokenized=...)")
         tokenized = tokenize_chat(tokenizer, examples or INSTRUCTIONS, max_length)
     pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
-    device = next(model.parameters()).device
-    result = QLoraResult()
+    base_bytes_before = 0
     if not any(isinstance(m, Linear4bit) for m in model.modules()):
-        result.base_bytes_before = model_nbytes(model)
+        base_bytes_before = model_nbytes(model)
         # The LM head is tied to the embeddings in SmolLM2 and stays in full precision (QLoRA does the same).
         quantize_model(model, quant_config or QuantConfig(compute_dtype=torch.float32), skip=("lm_head",))
-    result.base_bytes = model_nbytes(model)
+    base_bytes = model_nbytes(model)
     apply_lora(model, LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=list(target_modules),
                                  task_type="CAUSAL_LM"))
-    params = [p for p in model.parameters() if p.requires_grad]
-    result.adapter_bytes = sum(p.numel() * p.element_size() for p in params)
-    result.trainable, result.total, _ = count_parameters(model)
-    result.eval_loss_before = mean_loss(model, tokenized, pad_id)
-
-    torch.manual_seed(seed)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    model.train()
-    order = torch.randperm(len(tokenized)).tolist()
-    start = time.perf_counter()
-    for step in tqdm(range(steps), desc="qlora", disable=not progress, leave=False):
-        picked = [tokenized[order[(step * batch_size + j) % len(order)]] for j in range(batch_size)]
-        batch = {k: v.to(device) for k, v in collate(picked, pad_id).items()}
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        result.losses.append(loss.item())
-    result.seconds_per_step = (time.perf_counter() - start) / steps
-    result.eval_loss_after = mean_loss(model, tokenized, pad_id)
-    model.eval()
-    return result
+    adapter_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    eval_loss_before = mean_loss(model, tokenized, pad_id)
+    # train() seeds, then the first batch draws the order: AdamW (no weight decay) on the LoRA parameters only.
+    trained = train(model, chat_batches(tokenized, batch_size, pad_id), steps=steps, lr=lr, seed=seed,
+                    desc="qlora", progress=progress)
+    return QLoraResult(**asdict(trained), eval_loss_before=eval_loss_before,
+                       eval_loss_after=mean_loss(model, tokenized, pad_id), base_bytes=base_bytes,
+                       base_bytes_before=base_bytes_before, adapter_bytes=adapter_bytes)
 
 
 @torch.no_grad()

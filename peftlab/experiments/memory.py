@@ -30,80 +30,28 @@ References:
 
 from __future__ import annotations
 
-import argparse
-import json
+import itertools
 import math
-import os
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
 
+from ..inject import HEAD_NAMES, targets_for
+from ..models import arch_config, config_of
 from ..prefix import PREFIX_CHECKPOINTING
+from .methods import METHODS as METHOD_TABLE
+from .methods import MODELLED, QUANT_BACKENDS, SAVED_WEIGHT_BACKEND, apply_method, classifier_head
 
 GB = 1e9  # decimal gigabytes, as the QLoRA paper and GPU spec sheets use
 
-# --- real architectures (public config.json values of the Hugging Face hub repositories) ----------------------
-_LLAMA1 = dict(model_type="llama", vocab_size=32000, rms_norm_eps=1e-6, max_position_embeddings=2048,
-               tie_word_embeddings=False)
-_LLAMA3 = dict(model_type="llama", vocab_size=128256, rms_norm_eps=1e-5, max_position_embeddings=131072,
-               rope_theta=500000.0, num_key_value_heads=8)
-MEMORY_CONFIGS: dict[str, dict] = {
-    # HuggingFaceTB/SmolLM2-360M
-    "smollm2-360m": dict(model_type="llama", hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
-                         num_attention_heads=15, num_key_value_heads=5, vocab_size=49152, rms_norm_eps=1e-5,
-                         max_position_embeddings=8192, tie_word_embeddings=True, rope_theta=100000.0),
-    # meta-llama/Llama-3.2-1B, Llama-3.2-3B, Llama-3.1-8B
-    "llama-3.2-1b": dict(_LLAMA3, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                         num_attention_heads=32, tie_word_embeddings=True),
-    "llama-3.2-3b": dict(_LLAMA3, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
-                         num_attention_heads=24, tie_word_embeddings=True),
-    "llama-3.1-8b": dict(_LLAMA3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                         num_attention_heads=32, tie_word_embeddings=False),
-    # huggyllama/llama-7b, -13b, -30b ("33B"), -65b: the LLaMA-1 models that Guanaco (QLoRA paper) tuned
-    "llama-7b": dict(_LLAMA1, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
-    "llama-13b": dict(_LLAMA1, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
-                      num_attention_heads=40),
-    "llama-33b": dict(_LLAMA1, hidden_size=6656, intermediate_size=17920, num_hidden_layers=60,
-                      num_attention_heads=52),
-    "llama-65b": dict(_LLAMA1, hidden_size=8192, intermediate_size=22016, num_hidden_layers=80,
-                      num_attention_heads=64),
-    # meta-llama/Llama-2-70b-hf
-    "llama-2-70b": dict(_LLAMA1, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                        num_attention_heads=64, num_key_value_heads=8, rms_norm_eps=1e-5,
-                        max_position_embeddings=4096),
-}
-
-METHODS = ("full", "lora", "qlora", "houlsby", "pfeiffer", "prefix", "prompt")
-# QLoRA's 4-bit layer. "peftlab-legacy" is peftlab's Linear4bit before MatMul4bit (it kept each dequantized
-# weight for backward): analytic only, to read the GPU rows measured with it (benchmarks/results/gpu_memory.json).
-QUANT_BACKENDS = ("bnb", "peftlab", "peftlab-legacy")
+METHODS = MODELLED  # the methods with formulas here, from the studies' one method table (.methods)
 DTYPES = ("fp32", "bf16")  # fp32: everything fp32; bf16: bf16 weights/activations, fp32 master + moments
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 NF4_BYTES = 0.5  # two 4-bit codes per byte (QLoRA section 3)
 DOUBLE_QUANT_BITS = 8 / 64 + 32 / (64 * 256)  # 8-bit absmax per 64 weights + fp32 per 256 absmax = 0.127 bit
-
-
-def config_names() -> list[str]:
-    from ..models import ARCH_CONFIGS
-
-    return sorted(set(ARCH_CONFIGS) | set(MEMORY_CONFIGS))
-
-
-def get_model_config(name_or_path: str | dict):
-    """A transformers config from a name (:data:`MEMORY_CONFIGS` or ``models.ARCH_CONFIGS``), dict or path.
-
-    >>> get_model_config("llama-2-70b").num_key_value_heads
-    8
-    """
-    from ..models import get_config
-
-    if isinstance(name_or_path, str) and name_or_path in MEMORY_CONFIGS:
-        return get_config(MEMORY_CONFIGS[name_or_path])
-    if isinstance(name_or_path, str) and not os.path.exists(name_or_path) and name_or_path not in config_names():
-        raise ValueError(f"unknown model {name_or_path!r}: choose one of {config_names()} or give a config.json path")
-    return get_config(name_or_path)
+get_model_config = arch_config  # the name of earlier releases: a notebook begun on one imports it from here
 
 
 @dataclass
@@ -167,20 +115,29 @@ def _meta_model(cfg: MemoryConfig) -> nn.Module:
     from ..models import build_from_config
 
     # num_labels=2 only matters for classification heads; a meta model allocates nothing.
-    return build_from_config(get_model_config(cfg.model), task=cfg.task, device="meta")
+    return build_from_config(arch_config(cfg.model), task=cfg.task, device="meta")
 
 
 def _lora_targets(model_type: str, cfg: MemoryConfig) -> list[str]:
     from ..lora import DEFAULT_TARGETS
 
-    if cfg.target_modules:
-        return list(cfg.target_modules)
-    if model_type not in DEFAULT_TARGETS:
-        raise ValueError(f"give target_modules for model_type {model_type!r}")
-    return DEFAULT_TARGETS[model_type]
+    return list(cfg.target_modules) if cfg.target_modules else targets_for(model_type, DEFAULT_TARGETS)
 
 
-def count_params(cfg: MemoryConfig) -> dict:
+def method_options(cfg: MemoryConfig) -> dict:
+    """The options ``cfg`` gives its method (the method table's names): e.g. ``r`` and ``target_modules`` for LoRA.
+
+    >>> method_options(MemoryConfig(model="tiny-llama", method="pfeiffer", reduction_factor=8))
+    {'reduction_factor': 8}
+    """
+    given = dict(r=cfg.r, lora_alpha=2 * cfg.r, target_modules=cfg.target_modules,
+                 reduction_factor=cfg.reduction_factor, num_virtual_tokens=cfg.num_virtual_tokens,
+                 # random virtual tokens: how a prompt starts does not change memory, and needs no tokenizer
+                 prompt_tuning_init="RANDOM", prompt_tuning_init_text=None)
+    return {k: v for k, v in given.items() if k in METHOD_TABLE[cfg.method].options}
+
+
+def parameter_breakdown(cfg: MemoryConfig) -> dict:
     """Parameter counts of the method, read off the real module tree (the method applied to a ``meta`` model).
 
     Returns ``params`` (the base model), ``trainable``, ``frozen`` (kept at the compute width), ``quantized``
@@ -189,7 +146,7 @@ def count_params(cfg: MemoryConfig) -> dict:
     (numel of the largest trainable tensor: the optimizer's scratch is sized by it).
     ``tests/experiments/test_memory.py`` checks these against the papers' closed forms.
 
-    >>> c = count_params(MemoryConfig(model="tiny-llama", method="lora", r=4))
+    >>> c = parameter_breakdown(MemoryConfig(model="tiny-llama", method="lora", r=4))
     >>> c["trainable"]  # 2 layers x (q: 4*(64+64) + v: 4*(64+32))
     1792
     """
@@ -199,11 +156,10 @@ def count_params(cfg: MemoryConfig) -> dict:
 
     model = _meta_model(cfg)
     total = sum(p.numel() for p in model.parameters())  # .parameters() counts tied weights once
-    head_names = ("lm_head", "classifier", "score")
     body_linear = [m for n, m in model.named_modules()
-                   if isinstance(m, nn.Linear) and not any(matches(n, [h]) for h in head_names)]
-    head = sum(p.numel() for n, m in model.named_children() if n in head_names for p in m.parameters())
-    quantized = sum(m.weight.numel() for m in body_linear) if cfg.method == "qlora" else 0
+                   if isinstance(m, nn.Linear) and not any(matches(n, [h]) for h in HEAD_NAMES)]
+    head = sum(p.numel() for n, m in model.named_children() if n in HEAD_NAMES for p in m.parameters())
+    quantized = sum(m.weight.numel() for m in body_linear) if METHOD_TABLE[cfg.method].quantized else 0
     # The method as training applies it (prepare_model), without quantizing: NF4 bytes are counted below.
     model = prepare_model(model, replace(cfg, grad_checkpointing=False), quantize=False)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -211,17 +167,12 @@ def count_params(cfg: MemoryConfig) -> dict:
     n_all = sum(p.numel() for p in model.parameters())
     lora_modules = sum(isinstance(m, LoraLinear) for m in model.modules())  # apply_lora refused zero matches
     sites = sum(isinstance(m, AdapterLayer) for m in model.modules())
-    arch = model_config(model)
+    arch = config_of(model)
     n_layers, d = arch.num_hidden_layers, arch.hidden_size
     return dict(params=total, trainable=n_trainable, frozen=n_all - n_trainable - quantized, quantized=quantized,
                 head=head, lora_modules=lora_modules, adapters_per_layer=sites // n_layers,
                 bottleneck=AdapterConfig(reduction_factor=cfg.reduction_factor).size(d),
                 max_param=max(p.numel() for p in trainable))
-
-
-def model_config(model: nn.Module):
-    """The transformers config of a model, or of the model a prefix/prompt wrapper holds (``.base``)."""
-    return getattr(model, "base", model).config
 
 
 # --- activations: what eager PyTorch saves for backward, per token ------------------------------------------------
@@ -311,8 +262,8 @@ def bert_layer_activations(arch, cfg: MemoryConfig, counts: dict, seq: int) -> d
 
 def activation_bytes(cfg: MemoryConfig, counts: dict | None = None) -> dict:
     """Peak activation bytes of one forward + backward (see :func:`llama_layer_activations`)."""
-    arch = get_model_config(cfg.model)
-    counts = counts or count_params(cfg)
+    arch = arch_config(cfg.model)
+    counts = counts or parameter_breakdown(cfg)
     n_layers, d = arch.num_hidden_layers, arch.hidden_size
     virtual = cfg.num_virtual_tokens if cfg.method == "prompt" else 0
     tokens = cfg.batch * (cfg.seq + virtual)  # prompt tuning lengthens every sequence
@@ -357,7 +308,7 @@ def estimate(cfg: MemoryConfig) -> Estimate:
     >>> round(e.weights / e.params), round((e.weights + e.grads + e.optimizer) / e.params)  # ZeRO's 16 B/param
     (2, 16)
     """
-    counts = count_params(cfg)
+    counts = parameter_breakdown(cfg)
     w = DTYPE_BYTES[cfg.dtype]
     trainable, frozen, quantized = counts["trainable"], counts["frozen"], counts["quantized"]
     # Weights: trainable and frozen at the compute width; QLoRA's frozen linears in NF4 + double-quant constants.
@@ -377,9 +328,9 @@ def estimate(cfg: MemoryConfig) -> Estimate:
     # peftlab's MatMul4bit alike): a transient copy of the largest linear at the compute width.
     dequant = 0
     if cfg.method == "qlora":
-        arch = get_model_config(cfg.model)
+        arch = arch_config(cfg.model)
         dequant = w * arch.hidden_size * arch.intermediate_size
-        if cfg.quant_backend == "peftlab-legacy":
+        if cfg.quant_backend == SAVED_WEIGHT_BACKEND:
             # Found by measurement (the committed GPU rows): peftlab's Linear4bit used to call
             # F.linear(x, dequantized_w), and autograd kept that bf16 weight for the input gradient: 2 B per
             # quantized param alive until backward (one layer's worth under checkpointing). MatMul4bit fixed it.
@@ -431,37 +382,15 @@ def prepare_model(model: nn.Module, cfg: MemoryConfig, quant_backend: str | None
                   quantize: bool = True) -> nn.Module:
     """Apply ``cfg.method`` to a built model and return the model to train (prefix and prompt tuning wrap it).
 
-    QLoRA's frozen linears become 4-bit layers of ``quant_backend`` (``"peftlab"`` or ``"bnb"``) unless
-    ``quantize`` is False (parameter counting). Prompt tuning starts from random virtual tokens: the
-    initialisation does not change memory.
+    QLoRA's frozen linears become 4-bit layers of ``quant_backend`` (``"peftlab"`` or ``"bnb"``; default
+    ``cfg.quant_backend``) unless ``quantize`` is False (parameter counting). A classifier's head trains in
+    place (the memory of HF peft's copy of it is not modelled).
     """
-    quant_backend = quant_backend or cfg.quant_backend
-    if cfg.method == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-    elif cfg.method in ("lora", "qlora"):
-        from ..lora import LoraConfig, apply_lora
-
-        targets = _lora_targets(model.config.model_type, cfg)
-        apply_lora(model, LoraConfig(r=cfg.r, lora_alpha=2 * cfg.r, target_modules=targets))
-        if cfg.method == "qlora" and quantize:
-            _quantize_frozen_linears(model, quant_backend)
-    elif cfg.method in ("houlsby", "pfeiffer"):
-        from ..adapters import AdapterConfig, apply_adapters
-
-        apply_adapters(model, AdapterConfig(placement=cfg.method, reduction_factor=cfg.reduction_factor))
-    elif cfg.method == "prefix":
-        from ..prefix import PrefixConfig, PrefixTuningModel
-
-        model = PrefixTuningModel(model, PrefixConfig(num_virtual_tokens=cfg.num_virtual_tokens))
-    else:  # prompt
-        from ..prompt import PromptTuningConfig, PromptTuningModel
-
-        model = PromptTuningModel(model, PromptTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens))
+    backend = (quant_backend or cfg.quant_backend) if quantize else None
+    model, _ = apply_method(cfg.method, model, quant_backend=backend, **method_options(cfg))
     base = getattr(model, "base", model)
     if cfg.task == "classification":  # the new head trains too (HF peft's modules_to_save)
-        head = base.classifier if hasattr(base, "classifier") else base.score
-        for p in head.parameters():
+        for p in getattr(base, classifier_head(base)).parameters():
             p.requires_grad_(True)
     if cfg.grad_checkpointing:
         from ..models import enable_checkpointing
@@ -470,55 +399,29 @@ def prepare_model(model: nn.Module, cfg: MemoryConfig, quant_backend: str | None
     return model
 
 
-def _quantize_frozen_linears(model: nn.Module, backend: str) -> None:
-    """Replace every frozen body ``nn.Linear`` (LoRA bases included) by a 4-bit layer; heads stay."""
-    from ..inject import replace_modules
-
-    if backend == "peftlab":
-        from ..quant import Linear4bit, QuantConfig
-
-        qc = QuantConfig(compute_dtype=next(model.parameters()).dtype)
-        make = lambda name, lin: Linear4bit.from_linear(lin, qc)  # noqa: E731
-    elif backend == "bnb":
-        import bitsandbytes as bnb
-
-        def make(name, lin):
-            layer = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                                      compute_dtype=lin.weight.dtype, compress_statistics=True, quant_type="nf4",
-                                      device="meta")
-            layer.weight = bnb.nn.Params4bit(lin.weight.data.cpu(), requires_grad=False, quant_type="nf4",
-                                             compress_statistics=True).to(lin.weight.device)  # quantizes on .to
-            if lin.bias is not None:  # built on meta above: take the real bias (BERT's linears have one)
-                layer.bias = nn.Parameter(lin.bias.data, requires_grad=False)
-            return layer
-    else:  # "peftlab-legacy" no longer exists as code: it only predicts old measurements
-        raise ValueError(f"quant_backend must be 'peftlab' or 'bnb' to measure, got {backend!r}")
-    replace_modules(model, r".*", make, exclude=["lm_head", "classifier", "score"], what="layer to quantize")
-
-
 def train_steps(model: nn.Module, cfg: MemoryConfig, steps: int = 2, reset=None) -> None:
-    """Run ``steps`` training steps on random tokens; ``reset()`` is called after the first (peak bookkeeping)."""
+    """Run ``steps`` training steps on random tokens (:func:`peftlab.train.train`); ``reset()`` is called after
+    the first (peak bookkeeping: the optimizer states exist from then on)."""
+    from ..train import train
+
     device = next(model.parameters()).device
-    torch.manual_seed(0)
-    vocab = model_config(model).vocab_size
-    ids = torch.randint(0, vocab, (cfg.batch, cfg.seq), device=device)
-    labels = ids if cfg.task == "causal_lm" else torch.zeros(cfg.batch, dtype=torch.long, device=device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = MasterAdamW(params) if cfg.dtype == "bf16" else torch.optim.AdamW(params, lr=1e-4, foreach=False)
-    extra = dict(use_cache=False) if cfg.task == "causal_lm" else {}  # a KV cache is for generation only
-    model.train()
-    for step in range(steps):
-        loss = model(input_ids=ids, labels=labels, **extra).loss
-        loss.backward()
-        del loss  # free the graph's last references before the step
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if step == 0 and reset is not None:
-            reset()
+
+    def batches():  # drawn once, after train() seeds: the same tokens at every step
+        ids = torch.randint(0, config_of(model).vocab_size, (cfg.batch, cfg.seq), device=device)
+        labels = ids if cfg.task == "causal_lm" else torch.zeros(cfg.batch, dtype=torch.long, device=device)
+        extra = dict(use_cache=False) if cfg.task == "causal_lm" else {}  # a KV cache is for generation only
+        yield from itertools.repeat(dict(input_ids=ids, labels=labels, **extra))
+
+    def optimizer(params):
+        return MasterAdamW(params) if cfg.dtype == "bf16" else torch.optim.AdamW(params, lr=1e-4, foreach=False)
+
+    after_step = None if reset is None else (lambda step: reset() if step == 0 else None)
+    train(model, batches(), steps=steps, seed=0, progress=False, optimizer=optimizer, after_step=after_step)
 
 
-def cpu_measure_child(cfg: dict, source: str = "config") -> dict:
-    """Run in a fresh process (via ``train.run_isolated``): peak RSS of training steps minus the baseline.
+def training_rss(cfg: dict, source: str = "config") -> dict:
+    """Peak RSS of two training steps of ``cfg`` in this process, minus the baseline: run it in a fresh process
+    (:func:`measure_cpu` does, via ``train.run_isolated``).
 
     The baseline is this process's RSS after importing torch and transformers (interpreter + libraries),
     so the figure holds weights, gradients, optimizer states, activations and allocator slack. Large
@@ -538,7 +441,7 @@ def cpu_measure_child(cfg: dict, source: str = "config") -> dict:
     c = MemoryConfig(**cfg)
     # A tiny model of the same family, trained one step, loads every module the real run needs (modeling
     # code, autograd engine, kernels' scratch): all of that is library, part of the baseline.
-    tiny_name = "tiny-bert" if get_model_config(c.model).model_type == "bert" else "tiny-llama"
+    tiny_name = "tiny-bert" if arch_config(c.model).model_type == "bert" else "tiny-llama"
     tiny_cfg = MemoryConfig(**{**cfg, "model": tiny_name, "batch": 1, "seq": 8})
     tiny = build_from_config(tiny_name, task=c.task, num_labels=2)
     train_steps(prepare_model(tiny, tiny_cfg), tiny_cfg, steps=1)
@@ -551,7 +454,7 @@ def cpu_measure_child(cfg: dict, source: str = "config") -> dict:
     elif source == "pretrained" and c.model == "minilm-l6":
         model = load_classifier(num_labels=2)[0]
     else:
-        model = build_from_config(get_model_config(c.model), task=c.task, num_labels=2)
+        model = build_from_config(arch_config(c.model), task=c.task, num_labels=2)
     gc.collect()
     model = prepare_model(model, c)
     gc.collect()
@@ -568,7 +471,7 @@ def measure_cpu(cfg: MemoryConfig, source: str = "config", timeout: float = 600)
     """Peak CPU memory (bytes above the interpreter + libraries) of two training steps, in a subprocess."""
     from ..train import run_isolated
 
-    return run_isolated("peftlab.experiments.memory:cpu_measure_child", timeout=timeout, cfg=asdict(cfg), source=source)
+    return run_isolated("peftlab.experiments.memory:training_rss", timeout=timeout, cfg=asdict(cfg), source=source)
 
 
 def measure_gpu(cfg: MemoryConfig, quant_backend: str | None = None) -> dict:
@@ -579,7 +482,7 @@ def measure_gpu(cfg: MemoryConfig, quant_backend: str | None = None) -> dict:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    model = build_from_config(get_model_config(cfg.model), task=cfg.task, device="cuda", dtype=dtype, num_labels=2)
+    model = build_from_config(arch_config(cfg.model), task=cfg.task, device="cuda", dtype=dtype, num_labels=2)
     model = prepare_model(model, cfg, quant_backend)
     torch.cuda.synchronize()
     loaded = torch.cuda.memory_allocated() - base
@@ -591,7 +494,7 @@ def measure_gpu(cfg: MemoryConfig, quant_backend: str | None = None) -> dict:
     return dict(peak_bytes=peak, loaded_bytes=loaded)
 
 
-# --- CLI ----------------------------------------------------------------------------------------------------------
+# --- the printed table (``peftlab memory``) --------------------------------------------------------------------
 def format_table(e: Estimate, measured: dict | None = None) -> str:
     rows = [("weights", e.weights), ("grads", e.grads), ("optimizer", e.optimizer),
             ("activations", e.activations), ("total (peak)", e.total)]
@@ -604,46 +507,3 @@ def format_table(e: Estimate, measured: dict | None = None) -> str:
         lines.append(f"measured peak {m / GB:.3f} GB; predicted {e.total / GB:.3f} GB "
                      f"({100 * (e.total - m) / m:+.1f} %)")
     return "\n".join(lines)
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("memory", help="predict (and measure) the peak memory of one training step")
-    p.add_argument("--model", default="smollm2-135m", help=f"one of {config_names()} or a config.json path")
-    p.add_argument("--method", default="lora", help=f"one of {METHODS}")
-    p.add_argument("--r", type=int, default=8)
-    p.add_argument("--targets", default=None, help="comma-separated LoRA target modules")
-    p.add_argument("--dtype", default=None, help="fp32 or bf16 (default: bf16 on a GPU, fp32 on the CPU)")
-    p.add_argument("--optimizer", default="adamw", help=f"one of {OPTIMIZERS}")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--grad-checkpointing", action="store_true")
-    p.add_argument("--num-virtual-tokens", type=int, default=20, help="prefix and prompt tuning")
-    p.add_argument("--reduction-factor", type=int, default=16, help="adapters: bottleneck m = d / reduction factor")
-    p.add_argument("--quant-backend", default="bnb", help=f"QLoRA's 4-bit layer: one of {QUANT_BACKENDS}")
-    p.add_argument("--measure", action="store_true", help="run two real training steps and compare")
-    p.add_argument("--json", default=None, help="write the estimate (and measurement) to this file")
-    p.set_defaults(func=run_cli)
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    cuda = torch.cuda.is_available()
-    model = args.model
-    get_model_config(model)  # a clear error for an unknown name, before anything else
-    task = "classification" if get_model_config(model).model_type == "bert" else "causal_lm"
-    cfg = MemoryConfig(model=model, method=args.method, r=args.r, dtype=args.dtype or ("bf16" if cuda else "fp32"),
-                       target_modules=args.targets.split(",") if args.targets else None, optimizer=args.optimizer,
-                       batch=args.batch, seq=args.seq, grad_checkpointing=args.grad_checkpointing,
-                       num_virtual_tokens=args.num_virtual_tokens, reduction_factor=args.reduction_factor, task=task,
-                       quant_backend=args.quant_backend)
-    e = estimate(cfg)
-    measured = None
-    if args.measure:
-        measured = measure_gpu(cfg) if cuda else measure_cpu(cfg)
-        measured["device"] = torch.cuda.get_device_name() if cuda else "cpu (peak RSS above the baseline)"
-    print(format_table(e, measured))
-    out = dict(estimate=e.to_dict(), measured=measured)
-    path = args.json or f"memory_{model.replace('/', '_')}_{args.method}.json"
-    with open(path, "w") as f:
-        json.dump(out, f, indent=1, default=str)
-    print(f"wrote {path}")
-    return 0

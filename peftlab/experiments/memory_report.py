@@ -16,19 +16,22 @@ import csv
 import json
 from pathlib import Path
 
-from .memory import GB, MemoryConfig, estimate, measure_cpu
+from .memory import GB, METHODS, MemoryConfig, estimate, measure_cpu
+from .methods import MEASURED_BACKENDS, SAVED_WEIGHT_BACKEND
+from .methods import METHODS as METHOD_TABLE
 
 SIZES = ["smollm2-135m", "smollm2-360m", "llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b", "llama-13b", "llama-33b",
          "llama-65b", "llama-2-70b"]
-METHODS = ["full", "lora", "qlora", "houlsby", "pfeiffer", "prefix", "prompt"]
 BATCH, SEQ = 4, 512  # the GPU runs' setting
 GPU_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "gpu_memory.json"
 # benchmarks/gpu_memory.py writes this key since Linear4bit dequantizes again in backward (MatMul4bit). Runs
 # without it measured the old Linear4bit, which kept each dequantized weight for backward: their qlora-peftlab
-# rows are predicted with that term (quant_backend="peftlab-legacy") and labelled as such.
+# rows are predicted with that term (quant_backend=SAVED_WEIGHT_BACKEND) and labelled as such.
 LINEAR4BIT_KEY = "linear4bit"
-LEGACY_LABEL = "qlora-peftlab (old Linear4bit)"
-CPU_METHODS = ["full", "lora", "qlora-peftlab", "qlora-bnb", "houlsby", "pfeiffer", "prefix", "prompt"]
+SAVED_WEIGHT_LABEL = "qlora-peftlab (old Linear4bit)"
+# The methods once each, a quantized one once per 4-bit layer that exists as code (qlora-peftlab, qlora-bnb).
+CPU_METHODS = [label for m in METHODS
+               for label in ([f"{m}-{b}" for b in MEASURED_BACKENDS] if METHOD_TABLE[m].quantized else [m])]
 CPU_RUNS = [  # (model, task, method, batch, seq): the offline models, pretrained weights, fp32
     *[("smollm2-135m", "causal_lm", m, 4, 128) for m in CPU_METHODS],
     *[("minilm-l6", "classification", m, 8, 128) for m in CPU_METHODS],
@@ -48,7 +51,7 @@ def gpu_rows(path: Path = GPU_RESULTS) -> list[dict]:
             method, backend = (r["method"].split("-") + ["bnb"])[:2]
             label = r["method"]
             if backend == "peftlab" and LINEAR4BIT_KEY not in run:  # measured before MatMul4bit
-                backend, label = "peftlab-legacy", LEGACY_LABEL
+                backend, label = SAVED_WEIGHT_BACKEND, SAVED_WEIGHT_LABEL
             e = estimate(MemoryConfig(model=r["model"], method=method, dtype="bf16", batch=run["batch"],
                                       seq=run["seq"], grad_checkpointing=r["grad_checkpointing"],
                                       quant_backend=backend))
@@ -177,10 +180,10 @@ def write_report(out_dir: str | Path = "reports", refresh_cpu: bool = False) -> 
            "pages stay resident after QLoRA frees the fp32 weights (found by measurement: +0.4 GB on SmolLM2).",
            f"- Found by measurement: peftlab's old `Linear4bit` kept each dequantized bf16 weight for backward "
            f"(autograd saves `F.linear`'s weight argument), +2 B per quantized parameter without checkpointing. "
-           f"The rows `{LEGACY_LABEL}` were measured with it and are predicted with that term "
-           f"(`quant_backend='peftlab-legacy'`). `Linear4bit` now dequantizes again in backward (`MatMul4bit`), "
-           f"as bitsandbytes' `MatMul4Bit` does, and is predicted like bitsandbytes (rows `qlora-peftlab`, measured "
-           f"after the change).",
+           f"The rows `{SAVED_WEIGHT_LABEL}` were measured with it and are predicted with that term "
+           f"(`quant_backend={SAVED_WEIGHT_BACKEND!r}`). `Linear4bit` now dequantizes again in backward "
+           f"(`MatMul4bit`), as bitsandbytes' `MatMul4Bit` does, and is predicted like bitsandbytes (rows "
+           f"`qlora-peftlab`, measured after the change).",
            "- Found by measurement (autograd's saved tensors, `tests/experiments/test_memory.py`): layer 0 keeps "
            "nothing before the first trainable tensor, since the frozen embeddings need no gradient (Pfeiffer "
            "adapters: only the adapter; Houlsby: nothing of the attention). A prefix reaches attention as a cache, "

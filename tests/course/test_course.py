@@ -1,9 +1,7 @@
 """The graded notebooks end to end: solutions match peftlab, wrong answers lose points, the release has no answers,
 regenerating it changes nothing, and nbgrader grades real and hostile submissions as expected."""
 
-import contextlib
 import csv
-import io
 import os
 import shutil
 import subprocess
@@ -15,61 +13,21 @@ import pytest
 import torch
 from torch import nn
 
-from autograde.pipeline import PARTIAL, assignments, student_source
+from autograde import cells, pipeline
+from autograde.pipeline import PARTIAL, assignments
 from peftlab import checks
 
 ROOT = Path(__file__).resolve().parents[2]
 # Assignments with a partly wrong sample (PARTIAL) get the in-process and round-trip tests; add yours there.
 ASSIGNMENTS = [n for n in assignments(ROOT) if n in PARTIAL]
-PRELUDE = ("import math\nimport torch\nfrom torch import nn\nimport torch.nn.functional as F\n"
-           "from transformers import DynamicCache\n"
-           "from peftlab import checks\n"
-           "from peftlab.checks import ex3 as checks_ex3, ex4 as checks_ex4, ex5 as checks_ex5\n")
 
 
 def solution_nb(name: str):
-    return nbformat.read(ROOT / "solutions" / name / f"{name}.ipynb", as_version=4)
-
-
-def graded_cells(nb) -> dict[str, int]:
-    return {c.metadata["nbgrader"].get("grade_id", c.id): c.metadata["nbgrader"]["points"] for c in nb.cells
-            if c.cell_type == "code" and c.metadata.get("nbgrader", {}).get("grade")}
-
-
-def run_graded(nb, replace: dict[str, str] | None = None) -> dict[str, bool]:
-    """Execute the solution and check cells (hidden tests included) as the autograder does; pass/fail per check.
-
-    The namespace is named ``__main__`` like a notebook kernel's, so ``assert_own_work`` sees notebook-defined code.
-    Experiment cells are skipped: no graded cell depends on them.
-    """
-    ns = {"__name__": "__main__"}
-    exec(PRELUDE, ns)
-    results = {}
-    sink = io.StringIO()
-    for cell in nb.cells:
-        meta = cell.metadata.get("nbgrader", {})
-        if cell.cell_type != "code" or not (meta.get("solution") or meta.get("grade")):
-            continue
-        key = meta.get("grade_id", cell.id)  # nbgrader's name of the cell (notebook cell ids may differ)
-        source = (replace or {}).get(key, (replace or {}).get(cell.id, cell.source))
-        try:
-            with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-                exec(compile(source, key, "exec"), ns)
-            ok = True
-        except Exception:  # noqa: BLE001 - a failing cell is the result we record
-            ok = False
-        if meta.get("grade"):
-            results[key] = ok
-    return results
+    return cells.read_solution(name, ROOT)
 
 
 def solution_namespace(name: str) -> dict:
-    ns = {"__name__": "__main__"}
-    exec(PRELUDE, ns)
-    for cell in solution_nb(name).cells:
-        if cell.metadata.get("nbgrader", {}).get("solution") and cell.cell_type == "code":
-            exec(compile(cell.source, cell.id, "exec"), ns)
-    return ns
+    return cells.namespace(solution_nb(name))
 
 
 @pytest.fixture(autouse=True)
@@ -78,18 +36,18 @@ def _grading_env(monkeypatch):
 
 
 # --- the solutions: full marks, and no drift from peftlab -----------------------------------------
+@pytest.mark.slow  # runs the graded cells of a notebook (seconds per run): make test, not make quick
 @pytest.mark.parametrize("name", ASSIGNMENTS)
 def test_solution_passes_every_check_including_hidden(name):
-    results = run_graded(solution_nb(name))
+    results = cells.run_graded(solution_nb(name))
     assert results and all(results.values()), {k: v for k, v in results.items() if not v}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ASSIGNMENTS)
 def test_untouched_release_scores_zero(name):
     release = nbformat.read(ROOT / "notebooks" / name / f"{name}.ipynb", as_version=4)
-    checks_src = {c.id: c.source for c in solution_nb(name).cells if c.metadata.get("nbgrader", {}).get("grade")}
-    stubs = {c.id: c.source for c in release.cells if c.metadata.get("nbgrader", {}).get("solution")}
-    results = run_graded(solution_nb(name), replace={**stubs, **checks_src})
+    results = cells.run_graded(solution_nb(name), replace=cells.submission(solution_nb(name), release))
     assert not any(results.values()), results
 
 
@@ -206,14 +164,6 @@ MUTANTS = [  # (assignment, cell, old, new or None for a whole-cell replacement,
 ]
 
 
-def mutate(source: str, old: str | None, new: str, cell_id: str) -> str:
-    """A plausible wrong answer: ``old`` replaced by ``new`` in a solution cell's source (``old=None``: all of it)."""
-    if old is None:
-        return new
-    assert old in source, f"mutation target {old!r} not in cell {cell_id}"
-    return source.replace(old, new)
-
-
 def _lora_layer_shapes_swapped(source: str) -> str:
     for old, new in [("torch.empty(r, k, **like)", "torch.empty(k, r, **like)"),
                      ("torch.zeros(d, r, **like)", "torch.zeros(r, d, **like)"),
@@ -224,25 +174,25 @@ def _lora_layer_shapes_swapped(source: str) -> str:
     return source
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mutant", MUTANTS + [("ex2_lora", "lora_layer", "swap", "shapes", "check_lora_init")],
                          ids=lambda m: f"{m[1]}:{(m[2] or 'cheat')[:30]}")
 def test_plausible_wrong_answer_loses_points(mutant):
     name, cell_id, old, new, must_fail = mutant
     nb = solution_nb(name)
     source = next(c.source for c in nb.cells if c.id == cell_id)
-    source = _lora_layer_shapes_swapped(source) if old == "swap" else mutate(source, old, new, cell_id)
-    results = run_graded(nb, replace={cell_id: source})
-    points = graded_cells(nb)
+    source = _lora_layer_shapes_swapped(source) if old == "swap" else cells.mutate(source, old, new, cell_id)
+    results = cells.run_graded(nb, replace={cell_id: source})
+    points = cells.graded_cells(nb)
     assert not results[must_fail], f"{must_fail} still passes"
     assert sum(points[c] for c, ok in results.items() if ok) < sum(points.values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ASSIGNMENTS)
 def test_partial_example_fails_exactly_the_expected_checks(name):
     example = nbformat.read(ROOT / "autograde" / "examples" / "partial" / name / f"{name}.ipynb", as_version=4)
-    checks_src = {c.id: c.source for c in solution_nb(name).cells if c.metadata.get("nbgrader", {}).get("grade")}
-    student = {c.id: c.source for c in example.cells if c.metadata.get("nbgrader", {}).get("solution")}
-    results = run_graded(solution_nb(name), replace={**student, **checks_src})
+    results = cells.run_graded(solution_nb(name), replace=cells.submission(solution_nb(name), example))
     assert sorted(c for c, ok in results.items() if not ok) == sorted(PARTIAL[name]["failing"])
 
 
@@ -262,17 +212,56 @@ def test_release_has_no_solutions_hidden_tests_or_reference_answers():
             if meta.get("solution") and cell.cell_type == "markdown":
                 assert out.source == "YOUR ANSWER HERE", cell.id
             elif meta.get("solution"):
-                answer = student_source(cell.source.split("### BEGIN SOLUTION", 1)[1].split("### END SOLUTION")[0])
+                answer = cell.source.split("### BEGIN SOLUTION", 1)[1].split("### END SOLUTION")[0]
+                answer = cells.student_source(answer)
                 assert answer.strip() not in out.source and "raise NotImplementedError()" in out.source, cell.id
             elif meta.get("grade"):
                 assert out.source == cell.source.split("### BEGIN HIDDEN TESTS")[0].rstrip("\n"), cell.id
 
 
-@pytest.mark.slow
-def test_regenerating_the_release_gives_the_committed_notebooks():
-    proc = subprocess.run([sys.executable, "-m", "autograde", "release", "--check"], cwd=ROOT, capture_output=True,
+@pytest.fixture(scope="module")
+def release_check():
+    """``python -m autograde release --check``, run once. It leaves the release in build/course, which the round trip
+    below copies and ``make release-check`` (after the tests in ``make test``) finds up to date: nbgrader builds the
+    release once per ``make test``."""
+    return subprocess.run([sys.executable, "-m", "autograde", "release", "--check"], cwd=ROOT, capture_output=True,
                           text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_regenerating_the_release_gives_the_committed_notebooks(release_check):
+    assert release_check.returncode == 0, release_check.stdout + release_check.stderr
+    assert pipeline.is_built(ROOT, ROOT / pipeline.BUILD)
+
+
+def _fake_course(tmp: Path) -> tuple[Path, Path]:
+    """A repository with one assignment and a course folder stamped as its release, without running nbgrader."""
+    root, course = tmp / "repo", tmp / "course"
+    (root / "solutions" / "ex9_demo").mkdir(parents=True)
+    (root / "solutions" / "ex9_demo" / "ex9_demo.ipynb").write_text("{}")
+    (root / "autograde").mkdir()
+    shutil.copy(ROOT / "autograde" / pipeline.CONFIG_NAME, root / "autograde")
+    pipeline.prepare_course(root, course)
+    (course / "release" / "ex9_demo").mkdir(parents=True)
+    (course / "release" / "ex9_demo" / "ex9_demo.ipynb").write_text("{}")
+    (course / "gradebook.db").write_bytes(b"")
+    (course / pipeline.STAMP).write_text("\n".join([pipeline.release_inputs(root), *pipeline._built_files(course)]))
+    return root, course
+
+
+@pytest.mark.parametrize("change", ["nothing", "solution", "config", "release", "source", "gradebook", "new file"])
+def test_a_built_release_is_reused_only_while_its_inputs_and_outputs_are_unchanged(tmp_path, change):
+    root, course = _fake_course(tmp_path)
+    edit = {"solution": root / "solutions" / "ex9_demo" / "ex9_demo.ipynb", "config": root / "autograde" /
+            pipeline.CONFIG_NAME, "release": course / "release" / "ex9_demo" / "ex9_demo.ipynb",
+            "source": course / "source" / "ex9_demo" / "ex9_demo.ipynb",
+            "new file": root / "solutions" / "ex9_demo" / "data.json"}
+    if change == "gradebook":
+        (course / "gradebook.db").unlink()
+    elif change in edit:
+        with open(edit[change], "a") as f:
+            f.write(" ")
+    assert pipeline.is_built(root, course) == (change == "nothing")
 
 
 # --- nbgrader round trip with real and hostile submissions --------------------------------------------
@@ -287,7 +276,7 @@ def _hostile(tmp: Path) -> None:
     loop = nbformat.reads(nbformat.writes(nb), as_version=4)
     for c in loop.cells:
         if c.id == "full_finetune_bytes":
-            c.source = student_source(c.source).replace('"""\n', '"""\n    while True:\n        pass\n', 1)
+            c.source = cells.student_source(c.source).replace('"""\n', '"""\n    while True:\n        pass\n', 1)
     nbformat.write(loop, tmp / "looper" / "ex1_motivation" / "ex1_motivation.ipynb")
     gone = {"check_bert_param_count", "check_storage_bytes", "storage_bytes"} | {c.id for c in exp}
     deleted = nbformat.reads(nbformat.writes(nb), as_version=4)
@@ -304,7 +293,7 @@ def _hostile(tmp: Path) -> None:
         if c.id in ("bert_param_count", "storage_bytes"):
             noisy = '"""\n    print("debug: called", file=sys.stderr)\n'
             c.source = ("import sys\nimport warnings\n\nwarnings.warn('my own harmless warning', UserWarning)\n"
-                        + student_source(c.source).replace('"""\n', noisy, 1))
+                        + cells.student_source(c.source).replace('"""\n', noisy, 1))
     nbformat.write(warner, tmp / "warner" / "ex1_motivation" / "ex1_motivation.ipynb")
 
 
@@ -320,13 +309,15 @@ for _name in ("bitsandbytes", "transformers", "peft", "torch", "accelerate", "pe
 
 
 @pytest.mark.slow
-def test_autograde_round_trip_with_hostile_submissions(tmp_path):
+def test_autograde_round_trip_with_hostile_submissions(tmp_path, release_check):
     submitted = tmp_path / "submitted"
     for student in ("solution", "untouched", "partial"):
         for name in ASSIGNMENTS:
             shutil.copytree(ROOT / "autograde" / "examples" / student / name, submitted / student / name)
     _hostile(submitted)
     course = tmp_path / "course"
+    if release_check.returncode == 0:  # the release built once (release_check): graded without building it again
+        shutil.copytree(ROOT / pipeline.BUILD, course)
     noise = tmp_path / "noise"
     noise.mkdir()
     (noise / "sitecustomize.py").write_text(NOISY_SITECUSTOMIZE)
@@ -339,11 +330,11 @@ def test_autograde_round_trip_with_hostile_submissions(tmp_path):
     assert proc.returncode == 0, log[-4000:]
     with open(course / "scores.csv") as f:
         rows = {(r["student"], r["assignment"]): r for r in csv.DictReader(f)}
-    maxima = {n: sum(graded_cells(solution_nb(n)).values()) for n in ASSIGNMENTS}
+    maxima = {n: sum(cells.graded_cells(solution_nb(n)).values()) for n in ASSIGNMENTS}
     for name in ASSIGNMENTS:
         assert float(rows["solution", name]["autograded"]) == maxima[name], rows["solution", name]
         assert float(rows["untouched", name]["autograded"]) == 0
-        lost = sum(graded_cells(solution_nb(name))[c] for c in PARTIAL[name]["failing"])
+        lost = sum(cells.graded_cells(solution_nb(name))[c] for c in PARTIAL[name]["failing"])
         assert float(rows["partial", name]["autograded"]) == maxima[name] - lost
         assert sorted(rows["partial", name]["failed_cells"].split()) == sorted(PARTIAL[name]["failing"])
         assert (course / "feedback" / "solution" / name / f"{name}.html").exists()

@@ -3,13 +3,12 @@ and nbgrader grades the solution, the untouched release and a partly wrong submi
 alone)."""
 
 import copy
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from autograde import cells
 from autograde.pipeline import PARTIAL, partial_submission
 from peftlab import adapters as ref
 from peftlab.checks import ex3 as checks_ex3
@@ -17,23 +16,8 @@ from peftlab.inject import count_parameters
 from peftlab.models import build_from_config
 
 NAME = "ex3_adapters"
-ROOT = Path(__file__).resolve().parents[2]
-# The pipeline's helpers (run the graded cells as the autograder does): reused, not copied. Tests run with
-# --import-mode=importlib, so tests/ is not on sys.path: load the module from its file.
-_spec = importlib.util.spec_from_file_location("_course_helpers", Path(__file__).with_name("test_course.py"))
-_course = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_course)
-graded_cells, run_graded, solution_namespace, solution_nb = (_course.graded_cells, _course.run_graded,
-                                                             _course.solution_namespace, _course.solution_nb)
-# The partly wrong sample submission (proposed for autograde.pipeline.PARTIAL; used from there once it is added):
-# set_adapter leaves every adapter trainable.
-PARTIAL_EX3 = PARTIAL.get(NAME) or {
-    "edits": {"switch": [("adapter.requires_grad_(key == name)",
-                          "adapter.requires_grad_(True)  # forgot to freeze the other tasks")]},
-    "undone": [],
-    "answers": {"answer_3_1": "Small bottleneck layers go into every layer of a frozen model; only they are trained."},
-    "failing": ["check_multitask_switch"],
-}
+# The partly wrong sample submission: set_adapter leaves every adapter trainable.
+PARTIAL_EX3 = PARTIAL[NAME]
 
 
 @pytest.fixture(autouse=True)
@@ -43,7 +27,7 @@ def _grading_env(monkeypatch):
 
 @pytest.fixture(scope="module")
 def ns():
-    return solution_namespace(NAME)
+    return cells.namespace(cells.read_solution(NAME))
 
 
 def _bert(dtype=torch.float32, **overrides):
@@ -168,36 +152,37 @@ MUTANTS = [  # (cell, old, new or None for a whole-cell replacement, the check t
 ]
 
 
+@pytest.mark.slow  # runs the graded cells of a notebook (seconds per run): make test, not make quick
 @pytest.mark.parametrize("mutant", MUTANTS, ids=lambda m: f"{m[0]}:{(m[1] or 'cheat').strip()[:30]}")
 def test_plausible_wrong_answer_loses_points(mutant):
     cell_id, old, new, must_fail = mutant
-    nb = solution_nb(NAME)
-    source = _course.mutate(next(c.source for c in nb.cells if c.id == cell_id), old, new, cell_id)
-    results = run_graded(nb, replace={cell_id: source})
-    points = graded_cells(nb)
+    nb = cells.read_solution(NAME)
+    source = cells.mutate(cells.solution_cells(nb)[cell_id], old, new, cell_id)
+    results = cells.run_graded(nb, replace={cell_id: source})
+    points = cells.graded_cells(nb)
     assert not results[must_fail], f"{must_fail} still passes"
     assert sum(points[c] for c, ok in results.items() if ok) < sum(points.values())
 
 
+@pytest.mark.slow
 def test_solution_gets_every_point_and_the_stubs_none():
-    nb = solution_nb(NAME)
-    results = run_graded(nb)
+    nb = cells.read_solution(NAME)
+    results = cells.run_graded(nb)
     assert results and all(results.values()), results
-    stubs = {c.id: "# YOUR CODE HERE\nraise NotImplementedError()" for c in nb.cells
-             if c.metadata.get("nbgrader", {}).get("solution") and c.cell_type == "code"}
-    assert not any(run_graded(nb, replace=stubs).values())
+    stubs = {c: cells.CODE_STUB for c in cells.solution_cells(nb)}
+    assert not any(cells.run_graded(nb, replace=stubs).values())
 
 
+@pytest.mark.slow
 def test_partial_submission_fails_exactly_the_expected_checks():
     """The sample built by autograde.pipeline.partial_submission (as `python -m autograde release` builds it)."""
-    nb = solution_nb(NAME)
+    nb = cells.read_solution(NAME)
     release = copy.deepcopy(nb)  # the solution cells are all replaced below, as in the real release
     example = partial_submission(nb, release, PARTIAL_EX3)
     student = {c.id: c.source for c in example.cells if c.metadata.get("nbgrader", {}).get("solution")}
     assert all("### BEGIN SOLUTION" not in student[c] for c in ("adapter_module", "insertion", "switch"))
     assert student["answer_3_1"] == PARTIAL_EX3["answers"]["answer_3_1"]
-    checks_src = {c.id: c.source for c in nb.cells if c.metadata.get("nbgrader", {}).get("grade")}
-    results = run_graded(nb, replace={**student, **checks_src})
+    results = cells.run_graded(nb, replace=cells.submission(nb, example))
     assert sorted(c for c, ok in results.items() if not ok) == PARTIAL_EX3["failing"]
 
 

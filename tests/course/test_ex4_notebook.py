@@ -1,64 +1,45 @@
 """Exercise 4's solution notebook: its graded pieces behave as peftlab's prefix/prompt tuning, and its checks bite.
 
-The solution cells are executed here, outside Jupyter, in a namespace named ``__main__`` (as in a kernel):
+The solution cells are executed here, outside Jupyter, by the course's runner (autograde/cells.py: a namespace named
+``__main__`` as in a kernel):
 - drift: on random inputs the notebook's ``PrefixKV``/``prefix_forward`` and ``SoftPrompt`` give the logits of
-  peftlab's ``PrefixTuningModel`` / ``PromptTuningModel`` (which equal HF peft's, tests/methods/test_prefix.py);
+  peftlab's ``PrefixTuningModel`` / ``PromptTuningModel`` (which equal HF peft's, tests/methods/test_prefix_prompt.py);
 - the grade cells (visible and hidden tests) pass on the solutions, fail on the released stubs, and fail on
   plausible wrong implementations (GQA ignored, keys/values swapped, mask on the wrong side, positions from 0, ...);
 - points: every grade cell has points and the header's totals are their sums; every syllabus item 4.1-4.6 has a cell.
 """
 
-import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
 
+from autograde import cells
 from peftlab.models import build_from_config
 from peftlab.prefix import PrefixConfig, PrefixTuningModel
 from peftlab.prompt import PromptTuningConfig, PromptTuningModel
 
-NOTEBOOK = Path(__file__).resolve().parents[2] / "solutions" / "ex4_prefix_prompt" / "ex4_prefix_prompt.ipynb"
-GRADED = ["prefix_kv", "extend_mask", "prefix_forward", "soft_prompt"]
+NAME = "ex4_prefix_prompt"
+NB = cells.read_solution(NAME)
 
 
-def _cells() -> dict[str, dict]:
-    nb = json.loads(NOTEBOOK.read_text())
-    return {c["metadata"]["nbgrader"]["grade_id"]: c for c in nb["cells"] if "nbgrader" in c["metadata"]}
-
-
-def _source(cell: dict) -> str:
-    return "".join(cell["source"])
-
-
-def _setup_source() -> str:
-    nb = json.loads(NOTEBOOK.read_text())
-    return next(_source(c) for c in nb["cells"] if c["cell_type"] == "code" and "# Setup" in _source(c))
+def _cells() -> dict:
+    return {cells.cell_name(c): c for c in NB.cells if "nbgrader" in c.metadata}
 
 
 def _namespace(replace: dict[str, tuple[str, str]] | None = None, stub: bool = False) -> dict:
-    """Run the setup cell and the solution cells (optionally mutated or stripped) as a kernel would."""
-    cells = _cells()
-    ns = {"__name__": "__main__"}
-    exec(_setup_source(), ns)
-    for gid in GRADED:
-        src = _source(cells[gid])
-        if stub:  # what nbgrader's release leaves
-            src = re.sub(r"( *)### BEGIN SOLUTION.*?### END SOLUTION",
-                         lambda m: f"{m.group(1)}# YOUR CODE HERE\n{m.group(1)}raise NotImplementedError()", src,
-                         flags=re.S)
-        if replace and gid in replace:
-            old, new = replace[gid]
-            assert old in src, f"mutation target not found in {gid}: {old!r}"
-            src = src.replace(old, new)
-        exec(compile(src, f"<{gid}>", "exec"), ns)
-    return ns
+    """The solution cells (optionally mutated or as released) run in a fresh namespace, as a kernel would."""
+    sources = cells.solution_cells(NB)
+    if stub:  # what nbgrader's release leaves
+        sources = {gid: cells.stub(src) for gid, src in sources.items()}
+    for gid, (old, new) in (replace or {}).items():
+        sources[gid] = cells.mutate(sources[gid], old, new, gid)
+    return cells.namespace(NB, sources)
 
 
 def _grade(ns: dict, grade_id: str) -> None:
     """Run one grade cell, hidden tests included (as the autograder does)."""
-    exec(compile(_source(_cells()[grade_id]), f"<{grade_id}>", "exec"), ns)
+    cells.run_check(ns, NB, grade_id)
 
 
 @pytest.fixture(scope="module")
@@ -120,11 +101,13 @@ GRADE_CELLS = ["check_prefix_kv", "check_gqa_shapes", "check_extend_mask", "chec
                "check_soft_prompt_init", "check_soft_prompt_forward"]
 
 
+@pytest.mark.slow  # runs the graded cells of a notebook (seconds per run): make test, not make quick
 @pytest.mark.parametrize("grade_id", GRADE_CELLS)
 def test_solutions_get_full_marks(solution, grade_id):
     _grade(solution, grade_id)  # the verdict; stderr (a library's warning) does not count: autograde/preprocessors.py
 
 
+@pytest.mark.slow
 def test_released_stubs_get_no_points():
     ns = _namespace(stub=True)
     for grade_id in GRADE_CELLS:
@@ -181,6 +164,7 @@ WRONG = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("what", list(WRONG))
 def test_wrong_implementations_lose_points(what):
     gid, mutation, failing = WRONG[what]
@@ -190,6 +174,7 @@ def test_wrong_implementations_lose_points(what):
             _grade(ns, grade_id)
 
 
+@pytest.mark.slow
 def test_importing_peftlab_instead_of_writing_code_loses_points():
     ns = _namespace()
     exec("import peftlab.prompt\n"
@@ -211,28 +196,28 @@ def test_importing_peftlab_instead_of_writing_code_loses_points():
 
 # --- structure: points, totals, syllabus coverage --------------------------------------------------
 def test_points_and_totals_match_the_header():
-    cells = _cells()
-    graded = {gid: c for gid, c in cells.items() if c["metadata"]["nbgrader"].get("grade")}
+    by_name = _cells()
+    graded = {gid: c for gid, c in by_name.items() if c["metadata"]["nbgrader"].get("grade")}
     assert all(c["metadata"]["nbgrader"].get("points", 0) > 0 for c in graded.values())
     auto = sum(c["metadata"]["nbgrader"]["points"] for c in graded.values() if c["cell_type"] == "code")
     manual = sum(c["metadata"]["nbgrader"]["points"] for c in graded.values() if c["cell_type"] == "markdown")
-    header = _source(cells["header"])
+    header = by_name["header"].source
     m = re.search(r"\*\*Total: (\d+) points\*\* — (\d+) autograded .* and (\d+) for written answers", header)
     assert m and tuple(map(int, m.groups())) == (auto + manual, auto, manual)
     assert set(GRADE_CELLS) == {gid for gid, c in graded.items() if c["cell_type"] == "code"}
 
 
 def test_every_syllabus_item_has_a_written_answer_with_a_reference():
-    cells = _cells()
+    by_name = _cells()
     for item in range(1, 7):
-        cell = cells[f"answer_4_{item}"]
+        cell = by_name[f"answer_4_{item}"]
         meta = cell["metadata"]["nbgrader"]
         assert meta["solution"] and meta["grade"] and cell["cell_type"] == "markdown"
-        assert "### BEGIN SOLUTION" in _source(cell) and "Rubric" in _source(cell)
+        assert "### BEGIN SOLUTION" in cell.source and "Rubric" in cell.source
 
 
 def test_the_reference_answers_correct_the_notes_and_cite_the_papers():
-    answer = _source(_cells()["answer_4_6"])
+    answer = _cells()["answer_4_6"].source
     for arxiv in ("2104.08691", "2103.10385", "2101.00190", "2110.07602"):
         assert arxiv in answer
     assert "P, \\dots, P+T-1" in answer

@@ -12,56 +12,27 @@ JSON; ``PEFTLAB_GRADING=1`` keeps the CPU experiments small and needs no offline
 ``test_notebook_code_cells_run_on_gpu`` does the same under pytest where CUDA exists.
 """
 
-import importlib.util
 import math
-import re
 from pathlib import Path
 
-import nbformat
 import pytest
 import torch
 from torch import nn
 
+from autograde import cells
 from peftlab import quant
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK = ROOT / "solutions" / "ex5_qlora" / "ex5_qlora.ipynb"
-PRELUDE = "import math\nimport torch\nfrom torch import nn\nimport torch.nn.functional as F\n" \
-          "from peftlab import checks\nfrom peftlab.checks import ex5 as checks_ex5\n"
-
-
-def _course_helpers():
-    """test_course.py's runner (run_graded, graded_cells), with this exercise's checker module in its prelude."""
-    spec = importlib.util.spec_from_file_location("_test_course_ex5", ROOT / "tests" / "course" / "test_course.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if "checks_ex5" not in module.PRELUDE:
-        module.PRELUDE += "import torch.nn.functional as F\nfrom peftlab.checks import ex5 as checks_ex5\n"
-    return module
 
 
 def solution_nb():
-    return nbformat.read(NOTEBOOK, as_version=4)
-
-
-def solution_namespace() -> dict:
-    ns = {"__name__": "__main__"}
-    exec(PRELUDE, ns)
-    for cell in solution_nb().cells:
-        if cell.metadata.get("nbgrader", {}).get("solution") and cell.cell_type == "code":
-            exec(compile(cell.source, cell.id, "exec"), ns)
-    return ns
-
-
-def stub(source: str) -> str:
-    """What nbgrader releases: each solution block replaced by ``raise NotImplementedError()`` at its indentation."""
-    return re.sub(r"( *)### BEGIN SOLUTION\n.*?### END SOLUTION", r"\1# YOUR CODE HERE\n\1raise NotImplementedError()",
-                  source, flags=re.S)
+    return cells.read_solution("ex5_qlora", ROOT)
 
 
 @pytest.fixture(scope="module")
 def ns():
-    return solution_namespace()
+    return cells.namespace(solution_nb())
 
 
 @pytest.fixture(autouse=True)
@@ -146,21 +117,20 @@ def test_nf4_linear_matches_peftlab_linear4bit(ns, compute_dtype):
 
 
 # --- grading: full marks, zero for the stubs, wrong answers lose points ---------------------------------
+@pytest.mark.slow  # runs the graded cells of a notebook (seconds per run): make test, not make quick
 def test_solution_passes_every_check_including_hidden():
-    tc = _course_helpers()
-    results = tc.run_graded(solution_nb())
+    results = cells.run_graded(solution_nb())
     assert set(results) == {"check_blockwise_quant", "check_nf4_codebook", "check_double_quant_bits",
                             "check_linear4bit"}
     assert all(results.values()), results
 
 
+@pytest.mark.slow
 def test_stubs_score_zero():
-    tc = _course_helpers()
     nb = solution_nb()
-    stubs = {c.id: stub(c.source) for c in nb.cells if c.metadata.get("nbgrader", {}).get("solution")
-             and c.cell_type == "code"}
+    stubs = {c: cells.stub(s) for c, s in cells.solution_cells(nb).items()}
     assert all("raise NotImplementedError()" in s and "BEGIN SOLUTION" not in s for s in stubs.values())
-    results = tc.run_graded(nb, replace=stubs)
+    results = cells.run_graded(nb, replace=stubs)
     assert not any(results.values()), results
 
 
@@ -222,14 +192,14 @@ MUTANTS = [  # (cell, old, new or None for a whole-cell replacement, check that 
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mutant", MUTANTS, ids=lambda m: f"{m[0]}:{(m[1] or 'cheat')[:32]}")
 def test_plausible_wrong_answer_loses_points(mutant):
-    tc = _course_helpers()
     cell_id, old, new, must_fail = mutant
     nb = solution_nb()
-    source = tc.mutate(next(c.source for c in nb.cells if c.id == cell_id), old, new, cell_id)
-    results = tc.run_graded(nb, replace={cell_id: source})
-    points = tc.graded_cells(nb)
+    source = cells.mutate(cells.solution_cells(nb)[cell_id], old, new, cell_id)
+    results = cells.run_graded(nb, replace={cell_id: source})
+    points = cells.graded_cells(nb)
     if must_fail is None:  # a harmless variant keeps full marks
         assert all(results.values()), results
         return

@@ -3,7 +3,16 @@
 import pytest
 import torch
 
-from peftlab.experiments.comparison import METHODS, check_method, compare, finetune, table_rows, verdict, write_report
+from peftlab.experiments.comparison import (
+    METHODS,
+    apply_method,
+    check_method,
+    compare,
+    finetune,
+    table_rows,
+    verdict,
+    write_report,
+)
 from peftlab.train import run_isolated
 
 
@@ -93,7 +102,7 @@ def test_every_method_applies_to_a_tiny_bert_and_trains_only_its_parameters(meth
     base, batch = _tiny_bert()
     all_base = sum(p.numel() for p in base.parameters())
     biases = sum(p.numel() for n, p in base.named_parameters() if n.endswith(".bias"))
-    model, save = METHODS[method].apply(base, None, **KWARGS.get(method, {}))
+    model, save = apply_method(method, base, None, **KWARGS.get(method, {}))  # with the head, as finetune does
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     count = sum(p.numel() for p in trainable.values())
     if method == "full":
@@ -179,3 +188,17 @@ def test_cli_rejects_an_unknown_method(capsys):
 
     assert main(["compare", "--methods", "full,lorra"]) == 2
     assert "unknown method 'lorra'" in capsys.readouterr().err
+
+
+def test_one_method_table_serves_the_comparison_the_memory_model_and_the_report():
+    from peftlab.experiments import memory, memory_report, methods
+
+    assert list(METHODS) == ["full", "lora", "houlsby", "pfeiffer", "prefix", "prompt", "ia3", "bitfit"]
+    assert all(METHODS[n] is methods.METHODS[n] for n in METHODS)
+    assert memory.METHODS == ("full", "lora", "qlora", "houlsby", "pfeiffer", "prefix", "prompt")
+    assert memory_report.CPU_METHODS == ["full", "lora", "qlora-peftlab", "qlora-bnb", "houlsby", "pfeiffer",
+                                         "prefix", "prompt"]
+    with pytest.raises(ValueError, match="unknown method 'dora'; choose one of \\['full', 'lora', 'qlora'"):
+        methods.apply_method("dora", None)
+    with pytest.raises(ValueError, match="method 'ia3' takes no option 'r'; its options: \\[\\]"):
+        methods.apply_method("ia3", None, r=4)

@@ -8,9 +8,9 @@ from peftlab.experiments.memory import (
     GB,
     MemoryConfig,
     activation_bytes,
-    count_params,
     estimate,
     measure_cpu,
+    parameter_breakdown,
     prepare_model,
 )
 from peftlab.models import build_from_config
@@ -23,7 +23,7 @@ BODY_LINEAR = L * (D * D + KV * D + KV * D + D * D + 3 * FF * D)  # q, k, v, o, 
 @pytest.mark.parametrize("r", [1, 4, 8])
 def test_lora_count_by_hand(r):
     # q: r (64 + 64), v: r (64 + 32), per layer
-    assert count_params(MemoryConfig(model="tiny-llama", method="lora", r=r))["trainable"] == L * r * (128 + 96)
+    assert parameter_breakdown(MemoryConfig(model="tiny-llama", method="lora", r=r))["trainable"] == L * r * (128 + 96)
 
 
 def test_full_bf16_is_16_bytes_per_param_and_fp32_adam_is_16_too():
@@ -107,9 +107,9 @@ def test_prefix_with_gradient_checkpointing_is_refused_clearly():
 
 
 def test_adapter_prefix_prompt_counts_by_hand():
-    # The real module tree (count_params) against the papers' closed forms; m = 64 // 16 = 4.
+    # The real module tree (parameter_breakdown) against the papers' closed forms; m = 64 // 16 = 4.
     def trainable(method, **kw):
-        return count_params(MemoryConfig(model="tiny-llama", method=method, **kw))["trainable"]
+        return parameter_breakdown(MemoryConfig(model="tiny-llama", method=method, **kw))["trainable"]
 
     assert trainable("houlsby") == L * 2 * (2 * D * 4 + D + 4)  # two adapters per layer (Houlsby et al.)
     assert trainable("pfeiffer") == L * (2 * D * 4 + D + 4)  # one, after the FFN (Pfeiffer et al.)
@@ -118,7 +118,7 @@ def test_adapter_prefix_prompt_counts_by_hand():
     assert trainable("prompt", num_virtual_tokens=5) == 5 * D  # input embeddings only (Lester et al.)
     # A classifier's new head trains too: MiniLM-style tiny-bert, 2 labels.
     head = D * 2 + 2
-    assert count_params(MemoryConfig(model="tiny-bert", task="classification", method="prompt",
+    assert parameter_breakdown(MemoryConfig(model="tiny-bert", task="classification", method="prompt",
                                      num_virtual_tokens=5))["trainable"] == 5 * D + head
 
 
@@ -191,7 +191,7 @@ def test_cli_prints_table_and_writes_json(tmp_path, capsys):
 def test_peftlab_linear4bit_is_predicted_like_bitsandbytes_and_old_gpu_rows_keep_their_term(tmp_path):
     import json
 
-    from peftlab.experiments.memory_report import LEGACY_LABEL, LINEAR4BIT_KEY, gpu_rows
+    from peftlab.experiments.memory_report import LINEAR4BIT_KEY, SAVED_WEIGHT_LABEL, gpu_rows
 
     def est(backend, gc=False):
         return estimate(MemoryConfig(model="tiny-llama", method="qlora", r=4, dtype="bf16", quant_backend=backend,
@@ -211,5 +211,17 @@ def test_peftlab_linear4bit_is_predicted_like_bitsandbytes_and_old_gpu_rows_keep
     path = tmp_path / "gpu.json"
     path.write_text(json.dumps({"runs": [run, dict(run, **{LINEAR4BIT_KEY: "MatMul4bit"})]}))
     old, new = gpu_rows(path)
-    assert (old["method"], new["method"]) == (LEGACY_LABEL, "qlora-peftlab")
+    assert (old["method"], new["method"]) == (SAVED_WEIGHT_LABEL, "qlora-peftlab")
     assert (old["predicted_gb"] - new["predicted_gb"]) * GB == pytest.approx(2 * BODY_LINEAR)
+
+
+def test_train_steps_run_peftlabs_training_loop_and_reset_after_the_first_step():
+    from peftlab.experiments.memory import train_steps
+
+    cfg = MemoryConfig(model="tiny-llama", method="lora", r=4, dtype="bf16", batch=2, seq=8)
+    model = prepare_model(build_from_config("tiny-llama", dtype=torch.bfloat16), cfg)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    resets = []
+    train_steps(model, cfg, steps=3, reset=lambda: resets.append(1))
+    assert resets == [1]  # once, after the first step: the optimizer states exist from then on
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if ".lora_A" in n)

@@ -13,6 +13,7 @@ from peftlab.adapters import (
     AdapterConfig,
     AdapterLayer,
     BottleneckAdapter,
+    TaskHeads,
     adapter_layers,
     apply_adapters,
     disable_adapters,
@@ -20,6 +21,7 @@ from peftlab.adapters import (
     multitask_demo,
     save_adapter,
     set_adapter,
+    unload_adapters,
 )
 from peftlab.inject import count_parameters
 from peftlab.models import build_from_config
@@ -131,6 +133,20 @@ def test_switching_tasks_and_disabling():
         set_adapter(model, "news")
 
 
+def test_unload_gives_the_bare_model_back():
+    model = build_from_config("tiny-bert", task="classification", num_labels=3)
+    x = _inputs()
+    with torch.no_grad():
+        base = model(**x).logits
+    apply_adapters(model, AdapterConfig(num_labels=5), "topic")
+    _perturb(model, "topic")
+    plain = unload_adapters(model)
+    assert not any(isinstance(m, (AdapterLayer, TaskHeads)) for m in plain.modules())
+    assert plain.num_labels == plain.config.num_labels == 3 and not hasattr(plain, "adapters_config")
+    with torch.no_grad():
+        assert torch.equal(plain(**x).logits, base)
+
+
 def test_save_and_load_one_adapter_alone(tmp_path):
     torch.manual_seed(0)
     model = build_from_config("tiny-bert", task="classification", num_labels=3)
@@ -191,6 +207,7 @@ def test_adapter_module_math():
     assert torch.equal(layer(h), layer.base(h))  # no active adapter: the base layer alone
 
 
+@pytest.mark.slow
 def test_a_short_training_run_lowers_the_loss():
     torch.manual_seed(0)
     model = build_from_config("tiny-bert", task="classification", num_labels=2)

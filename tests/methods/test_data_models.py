@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from peftlab.data import BBC_LABELS, TWEET_LABELS, load_bbc_news, load_tweets, tokenize
-from peftlab.models import ARCH_CONFIGS, build_from_config, get_config
+from peftlab.models import ARCH_CONFIGS, arch_config, build_from_config
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +80,16 @@ def test_smollm2_loads_offline_and_answers(smollm2):
     assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])
 
 
+@pytest.mark.slow
+def test_the_tokenizer_alone_is_the_models_tokenizer(smollm2):
+    from peftlab.models import load_causal_lm_tokenizer
+
+    text = "<|im_start|>user\nWhat is LoRA? Ünïcode, digits 12345.<|im_end|>"
+    alone, with_model = load_causal_lm_tokenizer(), smollm2[1]
+    assert alone(text)["input_ids"] == with_model(text)["input_ids"]
+    assert alone.eos_token == with_model.eos_token and len(alone) == len(with_model)
+
+
 def test_build_from_config_meta_counts_match_published_sizes():
     """Counts from the real module tree on the meta device (no memory), against published sizes."""
     smol = build_from_config("smollm2-135m", device="meta")
@@ -91,7 +101,7 @@ def test_build_from_config_meta_counts_match_published_sizes():
 
 def test_unknown_config_name_lists_choices():
     with pytest.raises(ValueError, match="unknown model config 'llama-9000'.*tiny-llama"):
-        get_config("llama-9000")
+        arch_config("llama-9000")
     with pytest.raises(ValueError, match="task must be"):
         build_from_config("tiny-llama", task="translation")
     assert "smollm2-135m" in ARCH_CONFIGS

@@ -39,7 +39,7 @@ def test_onnx_logits_equal_pytorch_and_nothing_else_changes(minilm, tmp_path):
     assert abs(got - expected).max() < 1e-4
     # the user's model keeps its unmerged adapters, the checkpoint file is unchanged
     assert isinstance(model.bert.encoder.layer[0].attention.self.query, LoraLinear)
-    assert not model.bert.encoder.layer[0].attention.self.query.merged
+    assert not model.bert.encoder.layer[0].attention.self.query.adapters.merged
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert _sha256(checkpoint) == digest
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from peftlab.bitfit import apply_bitfit
-from peftlab.ia3 import DEFAULT_TARGETS, IA3Config, IA3Linear, apply_ia3, load_ia3, save_ia3
+from peftlab.ia3 import DEFAULT_TARGETS, IA3Config, IA3Linear, apply_ia3, disable_ia3, load_ia3, save_ia3
 from peftlab.inject import count_parameters
 from peftlab.models import build_from_config
 
@@ -149,7 +149,46 @@ def test_bitfit_refuses_a_model_without_biases():
         apply_bitfit(build_from_config("tiny-llama"))
 
 
+@pytest.mark.slow
 def test_bitfit_short_run_lowers_the_loss():
     model = apply_bitfit(build_from_config("tiny-bert", task="classification"), modules_to_save=["classifier"])
     first, last = _train_loss_drops(model)
     assert last < 0.7 * first
+
+
+@pytest.mark.parametrize("name", ["tiny-bert", "tiny-llama"])
+def test_ia3_files_transfer_both_ways_with_hf_peft(name, tmp_path):
+    """HF peft's PeftModel.from_pretrained reads our file, and load_ia3 reads HF peft's save_pretrained."""
+    task = "classification" if name == "tiny-bert" else "causal_lm"
+    base = build_from_config(name, task=task).eval()
+    targets, feedforward = DEFAULT_TARGETS["bert" if name == "tiny-bert" else "llama"]
+    heads = ["classifier"] if name == "tiny-bert" else None
+    x = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(1))
+    ours = apply_ia3(copy.deepcopy(base), IA3Config(targets, feedforward, modules_to_save=heads,
+                                                    init_ia3_weights=False)).eval()
+    if heads:
+        nn.init.normal_(ours.classifier.weight)  # a trained head: the file must carry it
+    save_ia3(ours, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    with torch.no_grad():
+        assert not torch.allclose(ours(input_ids=x).logits, base(input_ids=x).logits, atol=1e-3)
+        torch.testing.assert_close(theirs(input_ids=x).logits, ours(input_ids=x).logits, atol=1e-5, rtol=0)
+
+    hf = peft.get_peft_model(copy.deepcopy(base), peft.IA3Config(
+        target_modules=targets, feedforward_modules=feedforward, init_ia3_weights=False,
+        task_type="SEQ_CLS" if heads else "CAUSAL_LM")).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    loaded = load_ia3(copy.deepcopy(base), tmp_path / "hf").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=x).logits, hf(input_ids=x).logits, atol=1e-5, rtol=0)
+
+
+def test_disable_ia3_runs_the_base_alone():
+    base = build_from_config("tiny-llama").eval()
+    model = apply_ia3(copy.deepcopy(base), IA3Config(init_ia3_weights=False)).eval()
+    x = torch.randint(0, 256, (1, 5))
+    with torch.no_grad():
+        scaled = model(input_ids=x).logits
+        with disable_ia3(model):
+            torch.testing.assert_close(model(input_ids=x).logits, base(input_ids=x).logits, atol=0, rtol=0)
+        torch.testing.assert_close(model(input_ids=x).logits, scaled, atol=0, rtol=0)

@@ -253,7 +253,7 @@ def test_multiple_adapters_switch_and_weighted_cat(tmp_path):
     apply_lora(model, LoraConfig(r=3, lora_alpha=3, target_modules=["q_proj"]), adapter_name="b")
     _randomize_lora(model)
     layer = model.model.layers[0].self_attn.q_proj
-    assert sorted(layer.adapters) == ["a", "b"] and layer.active == ["b"]
+    assert sorted(layer.adapters) == ["a", "b"] and layer.adapters.active == "b"
     set_adapter(model, "a")
     with torch.no_grad():
         out_a = model(ids).logits

@@ -1,11 +1,21 @@
-"""QLoRA = quantize_model + apply_lora: peftlab's LoraLinear over peftlab's Linear4bit."""
+"""QLoRA = quantize_model + apply_lora: peftlab's LoraLinear over peftlab's Linear4bit, and a hand-written LoRA
+over Linear4bit as an independent reference. (The instruction-tuning recipe: tests/experiments/test_instruct.py;
+NF4 itself: test_quant.py.)"""
 
+import math
+from itertools import repeat
+
+import pytest
 import torch
+from torch import nn
 
 from peftlab import LoraConfig, apply_lora, merge_lora, unmerge_lora
+from peftlab import quant as Q
+from peftlab.inject import replace_modules
 from peftlab.lora import lora_layers
 from peftlab.models import ARCH_CONFIGS, build_from_config
 from peftlab.quant import Linear4bit, QuantConfig, quantize_model
+from peftlab.train import train
 
 
 def _qlora_model():
@@ -59,3 +69,58 @@ def test_merge_into_4bit_base_requantizes_with_small_error():
     rounding = layer.merge_delta(delta)  # the layer reports the rounding error it made
     torch.testing.assert_close(torch.as_tensor(rounding).float().norm(),
                                (layer.dequantize().float() - (before + delta)).norm(), rtol=1e-4, atol=1e-6)
+
+
+# --- a hand-written LoRA over Linear4bit (moved from test_quant.py): a frozen 4-bit base, a high-precision adapter
+class QLoraLinear(nn.Module):
+    """Test-only LoRA around a Linear4bit (until LoraLinear accepts it): W4 x + (alpha / r) B A x."""
+
+    def __init__(self, base: Q.Linear4bit, r: int = 8, alpha: float = 16):
+        super().__init__()
+        self.base, self.scaling = base, alpha / r
+        self.lora_A = nn.Parameter(torch.randn(r, base.in_features) / math.sqrt(base.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r))
+
+    def forward(self, x):
+        return self.base(x) + (x.float() @ self.lora_A.T @ self.lora_B.T * self.scaling).to(x.dtype)
+
+
+def qlora(model, targets, head=None):
+    Q.quantize_model(model, Q.QuantConfig(compute_dtype=torch.float32), skip=[head] if head else ["lm_head"])
+    for p in model.parameters():
+        p.requires_grad_(False)
+    replace_modules(model, targets, lambda n, m: QLoraLinear(m), types=(Q.Linear4bit,))
+    if head:
+        model.get_submodule(head).requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def train_steps(model, batch, steps, lr=1e-2):
+    """peftlab's training loop on one batch: AdamW's default weight decay (0.01), the test's seed left as it is."""
+    return train(model, repeat(batch), steps=steps, lr=lr, weight_decay=0.01, seed=None, progress=False).losses
+
+
+def test_qlora_trains_tiny_llama_and_base_never_changes():
+    model = build_from_config("tiny-llama").train()
+    qlora(model, ["q_proj", "v_proj", "up_proj"])
+    bases = {n: b.clone() for n, b in model.named_buffers()}
+    A0 = model.model.layers[0].self_attn.q_proj.lora_A.detach().clone()
+    ids = (torch.arange(24) * 7 % 256).repeat(4, 1)  # a fixed pattern the adapters can learn
+    losses = train_steps(model, {"input_ids": ids, "labels": ids}, 30, lr=5e-2)
+    assert losses[-1] < 0.9 * losses[0]  # from ln(256) = 5.55 (a random model) to below 5.0
+    assert not torch.equal(model.model.layers[0].self_attn.q_proj.lora_A, A0)
+    assert all(torch.equal(bases[n], b) for n, b in model.named_buffers())  # the 4-bit base is untouched
+
+
+@pytest.mark.slow
+def test_qlora_trains_minilm_classifier(minilm):
+    model, tok = minilm
+    model.train()
+    qlora(model, ["query", "value"], head="classifier")
+    packed = model.bert.encoder.layer[0].attention.self.query.base.weight.clone()
+    texts = ["I love this", "worst day ever", "it is a table", "so happy today",
+             "I hate waiting", "the meeting is at 3", "great news!", "terrible service"]
+    batch = dict(tok(texts, return_tensors="pt", padding=True), labels=torch.tensor([2, 0, 1, 2, 0, 1, 2, 0]))
+    losses = train_steps(model, batch, 12, lr=5e-3)
+    assert losses[-1] < 0.5 * losses[0]
+    assert torch.equal(model.bert.encoder.layer[0].attention.self.query.base.weight, packed)

@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from peftlab import quant as Q
-from peftlab.inject import replace_modules
 from peftlab.models import build_from_config
 
 warnings.filterwarnings("ignore", message=".*bitsandbytes.*")
@@ -335,68 +334,6 @@ def test_quantize_model_tiny_llama_bytes_and_logits():
     with torch.no_grad():
         out = model(ids).logits
     assert (out - ref).norm() / ref.norm() < 0.2
-
-
-# --- QLoRA: a frozen 4-bit base, a trainable high-precision adapter ------------------------------------
-class QLoraLinear(nn.Module):
-    """Test-only LoRA around a Linear4bit (until LoraLinear accepts it): W4 x + (alpha / r) B A x."""
-
-    def __init__(self, base: Q.Linear4bit, r: int = 8, alpha: float = 16):
-        super().__init__()
-        self.base, self.scaling = base, alpha / r
-        self.lora_A = nn.Parameter(torch.randn(r, base.in_features) / math.sqrt(base.in_features))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r))
-
-    def forward(self, x):
-        return self.base(x) + (x.float() @ self.lora_A.T @ self.lora_B.T * self.scaling).to(x.dtype)
-
-
-def qlora(model, targets, head=None):
-    Q.quantize_model(model, Q.QuantConfig(compute_dtype=torch.float32), skip=[head] if head else ["lm_head"])
-    for p in model.parameters():
-        p.requires_grad_(False)
-    replace_modules(model, targets, lambda n, m: QLoraLinear(m), types=(Q.Linear4bit,))
-    if head:
-        model.get_submodule(head).requires_grad_(True)
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def train_steps(model, params, batch, steps, lr=1e-2):
-    opt = torch.optim.AdamW(params, lr=lr)
-    losses = []
-    for _ in range(steps):
-        loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
-
-
-def test_qlora_trains_tiny_llama_and_base_never_changes():
-    model = build_from_config("tiny-llama").train()
-    params = qlora(model, ["q_proj", "v_proj", "up_proj"])
-    bases = {n: b.clone() for n, b in model.named_buffers()}
-    A0 = model.model.layers[0].self_attn.q_proj.lora_A.detach().clone()
-    ids = (torch.arange(24) * 7 % 256).repeat(4, 1)  # a fixed pattern the adapters can learn
-    losses = train_steps(model, params, {"input_ids": ids, "labels": ids}, 30, lr=5e-2)
-    assert losses[-1] < 0.9 * losses[0]  # from ln(256) = 5.55 (a random model) to below 5.0
-    assert not torch.equal(model.model.layers[0].self_attn.q_proj.lora_A, A0)
-    assert all(torch.equal(bases[n], b) for n, b in model.named_buffers())  # the 4-bit base is untouched
-
-
-@pytest.mark.slow
-def test_qlora_trains_minilm_classifier(minilm):
-    model, tok = minilm
-    model.train()
-    params = qlora(model, ["query", "value"], head="classifier")
-    packed = model.bert.encoder.layer[0].attention.self.query.base.weight.clone()
-    texts = ["I love this", "worst day ever", "it is a table", "so happy today",
-             "I hate waiting", "the meeting is at 3", "great news!", "terrible service"]
-    batch = dict(tok(texts, return_tensors="pt", padding=True), labels=torch.tensor([2, 0, 1, 2, 0, 1, 2, 0]))
-    losses = train_steps(model, params, batch, 12, lr=5e-3)
-    assert losses[-1] < 0.5 * losses[0]
-    assert torch.equal(model.bert.encoder.layer[0].attention.self.query.base.weight, packed)
 
 
 # --- why the adapter stays in high precision, and merging into a 4-bit base -----------------------------
