@@ -1,7 +1,7 @@
 """peftlab: parameter-efficient fine-tuning (LoRA, adapters, prefix/prompt tuning, QLoRA) from scratch."""
 
 from . import _renamed, adapters, files
-from .adapters import AdapterConfig, BottleneckAdapter, apply_adapters, disable_adapters, multitask_demo
+from .adapters import AdapterConfig, BottleneckAdapter, apply_adapters, disable_adapters
 from .bitfit import BitFitConfig, apply_bitfit, load_bitfit, save_bitfit
 from .export import export_onnx, merged_copy, run_onnx
 from .files import AdapterFileError, load_adapter, save_adapter  # one save/load: dispatch on the method / peft_type
@@ -36,7 +36,7 @@ __all__ = [
     "PromptTuningConfig", "PromptTuningModel", "apply_prompt", "disable_prompt", "load_prompt", "save_prompt",
     "PTuningConfig", "PromptEncoder", "apply_ptuning",
     "Linear4bit", "QuantConfig", "dequantize_nf4", "nf4_codebook", "quantize_model", "quantize_nf4",
-    "adapters", "AdapterConfig", "BottleneckAdapter", "apply_adapters", "disable_adapters", "multitask_demo",
+    "adapters", "AdapterConfig", "BottleneckAdapter", "apply_adapters", "disable_adapters",
     "BitFitConfig", "apply_bitfit", "load_bitfit", "save_bitfit", "export_onnx", "merged_copy", "run_onnx",
     "IA3Config", "IA3Linear", "apply_ia3", "disable_ia3", "load_ia3", "save_ia3",
 ]

@@ -25,7 +25,7 @@ Houlsby et al. also train the layers' LayerNorms; here only adapters (and task h
 **Several tasks, one frozen model.** Every wrapped site keeps its adapters in one small container
 (:class:`AdapterLayer`) and runs the active one. ``set_adapter`` switches task, ``disable_adapters``
 runs the bare model, and ``save_adapters`` writes one task's adapter (and head) alone: a few hundred
-KB next to a 90 MB base model (:func:`multitask_demo`).
+KB next to a 90 MB base model (:func:`peftlab.experiments.multitask.multitask_demo` measures it).
 
 References:
     - Houlsby et al., "Parameter-Efficient Transfer Learning for NLP", arXiv:1902.00751.
@@ -304,45 +304,3 @@ def load_adapters(model: nn.Module, path, adapter_name: str = "default") -> nn.M
 
 files.register(PEFT_TYPE, save=save_adapters, load=load_adapters, applied=is_adapter_model)
 save_adapter, load_adapter = save_adapters, load_adapters  # the names of earlier releases (exercise 3 uses them)
-
-
-# --- demo: one frozen base model, two tasks ----------------------------------------------------
-def multitask_demo(steps: int = 60, limit: int = 600, batch_size: int = 16, out_dir=None,
-                   progress: bool = True) -> dict:
-    """Train a Houlsby adapter for tweet sentiment and one for BBC topics on ONE frozen MiniLM.
-
-    Saves each adapter alone, reloads both into a fresh base model and checks that its accuracy
-    per task equals the trained model's. Returns sizes and accuracies per task.
-
-    Usage (about a minute on a CPU; ``tests/methods/test_adapters.py`` runs it)::
-
-        result = multitask_demo(steps=10, limit=60)
-    """
-    import tempfile
-    from pathlib import Path
-
-    from .data import load_bbc_news, load_tweets, tokenize
-    from .models import load_classifier, minilm_path
-    from .train import evaluate, make_loader, train
-
-    tasks = {"sentiment": (load_tweets, 64), "topic": (load_bbc_news, 128)}  # news needs a longer window
-    model, tokenizer = load_classifier(num_labels=3)
-    loaders, out = {}, {"base_model_bytes": (minilm_path() / "model.safetensors").stat().st_size}
-    for name, (load, max_length) in tasks.items():
-        data = load(limit=limit)
-        num_labels = data["train"].features["label"].num_classes
-        loaders[name] = make_loader(tokenize(data["validation"], tokenizer, max_length), tokenizer, 64, False)
-        apply_adapters(model, AdapterConfig(placement="houlsby", num_labels=num_labels), adapter_name=name)
-        result = train(model, make_loader(tokenize(data["train"], tokenizer, max_length), tokenizer, batch_size,
-                                          True), loaders[name], steps=steps, lr=1e-3, desc=name, progress=progress)
-        out[name] = {"num_labels": num_labels, "accuracy": result.accuracy, "trainable": result.trainable}
-    with tempfile.TemporaryDirectory() as tmp:
-        out_dir = Path(out_dir or tmp)
-        fresh, _ = load_classifier(num_labels=3)
-        for name in tasks:
-            out[name]["file_bytes"] = save_adapters(model, out_dir / name, name)
-            load_adapters(fresh, out_dir / name, name)
-        for name in tasks:  # the same base model serves either task by switching the adapter
-            set_adapter(fresh, name)
-            out[name]["accuracy_reloaded"] = evaluate(fresh, loaders[name])
-    return out

@@ -9,6 +9,7 @@ They use the library (``peftlab``) and nothing in the library imports them. ``pe
 - :mod:`.memory`: the analytic memory model (weights, gradients, optimizer state, activations) and its measurement.
 - :mod:`.memory_report`: the memory comparison report (135M to 70B, with GPU and CPU measurements).
 - :mod:`.instruct`: instruction tuning of a causal LM with QLoRA (exercise 5's experiment).
+- :mod:`.multitask`: one frozen MiniLM serving two tasks with a bottleneck adapter each (exercise 3).
 """
 
 from .comparison import METHODS, compare, finetune, table_rows  # noqa: F401
