@@ -25,12 +25,11 @@ class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return importlib.util.spec_from_loader(fullname, self) if fullname in RENAMED else None
 
     def create_module(self, spec):
-        module = importlib.import_module(RENAMED[spec.name])  # the module itself, not a copy
-        self._spec = module.__spec__  # the import system overwrites __spec__ with the alias's: put it back
-        return module
+        return importlib.import_module(RENAMED[spec.name])  # the module itself, not a copy
 
     def exec_module(self, module):
-        module.__spec__ = self._spec
+        # The import system set __spec__ to the alias's: put back the module's own (found by its real name).
+        module.__spec__ = importlib.util.spec_from_file_location(module.__name__, module.__file__)
 
 
 def install() -> None:

@@ -50,9 +50,11 @@ from .inject import (
     disable_adapters,  # noqa: F401 - the one walk, under this module's name (exercise 3 uses it)
     freeze,
     get_parent,
+    pick_adapter,
     replace_modules,
     set_adapter,
     targets_for,
+    unchanged_on_error,
 )
 from .validate import one_of, positive_int
 
@@ -279,11 +281,11 @@ def _signature(model: nn.Module) -> dict:
             "num_hidden_layers": getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer", None)}
 
 
-def save_adapters(model: nn.Module, path, adapter_name: str = "default") -> int:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` for one adapter; return bytes written."""
+def save_adapters(model: nn.Module, path, adapter_name: str | None = None) -> int:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` for one adapter (None: the only or the
+    active one); return bytes written."""
     registry = getattr(model, "adapters_config", {})
-    if adapter_name not in registry:
-        raise ValueError(f"no adapter named {adapter_name!r}; this model has {sorted(registry)}")
+    adapter_name = pick_adapter(model, registry, adapter_name)
     config = {"peft_type": PEFT_TYPE, **asdict(registry[adapter_name]), "base_model": _signature(model)}
     return files.write_adapter(path, config, adapter_tensors(model, adapter_name))
 
@@ -294,11 +296,16 @@ def load_adapters(model: nn.Module, path, adapter_name: str = "default") -> nn.M
     Raises :class:`peftlab.files.AdapterFileError` (a ``ValueError``) when the file was made for
     another architecture or lacks tensors.
     """
+    if adapter_name in getattr(model, "adapters_config", {}):
+        raise ValueError(f"this model already has an adapter named {adapter_name!r}: load under another "
+                         f"adapter_name")
     raw = files.read_config(path, PEFT_TYPE)
     files.check_fields(path, raw, {"base_model": _signature(model)})
     tensors = files.read_tensors(path)
-    apply_adapters(model, AdapterConfig(**files.dataclass_fields(AdapterConfig, raw)), adapter_name)
-    files.copy_into(path, adapter_tensors(model, adapter_name), tensors)
+    config = files.make_config(path, AdapterConfig, raw)
+    with unchanged_on_error(model):  # a file that does not fit leaves the model as it was
+        apply_adapters(model, config, adapter_name)
+        files.copy_into(path, adapter_tensors(model, adapter_name), tensors)
     return model
 
 

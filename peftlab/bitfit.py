@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from . import files
-from .inject import freeze, matches
+from .inject import freeze, matches, train_in_place, unchanged_on_error
 
 
 @dataclass
@@ -54,12 +54,7 @@ def apply_bitfit(model: nn.Module, modules_to_save: list[str] | None = None) -> 
                          f"BitFit would train nothing")
     for p in biases:
         p.requires_grad_(True)
-    for target in modules_to_save or []:
-        found = [m for n, m in model.named_modules() if n and matches(n, [target])]
-        if not found:
-            raise ValueError(f"modules_to_save entry {target!r} matched no module")
-        for module in found:
-            module.requires_grad_(True)
+    train_in_place(model, modules_to_save or [])
     model.bitfit_config = BitFitConfig(modules_to_save=list(modules_to_save) if modules_to_save else None)
     return model
 
@@ -98,11 +93,14 @@ def load_bitfit(model: nn.Module, path) -> nn.Module:
     """
     config = files.make_config(path, BitFitConfig, files.read_config(path, BitFitConfig.peft_type))
     tensors = files.read_tensors(path)
-    try:
-        apply_bitfit(model, config.modules_to_save)
-    except ValueError as e:
-        raise files.AdapterFileError(f"adapter at {path} does not fit this model: {e}") from None
-    files.copy_into(path, bitfit_tensors(model), tensors)
+    if hasattr(model, "bitfit_config"):
+        raise ValueError("this model already has BitFit applied: load into a fresh model")
+    with unchanged_on_error(model):  # a file that does not fit leaves the model as it was
+        try:
+            apply_bitfit(model, config.modules_to_save)
+        except ValueError as e:
+            raise files.AdapterFileError(f"adapter at {path} does not fit this model: {e}") from None
+        files.copy_into(path, bitfit_tensors(model), tensors)
     return model
 
 

@@ -237,11 +237,11 @@ def register(peft_type: str, *, save: Callable, load: Callable, applied: Callabl
     METHODS[peft_type] = Method(peft_type, save, load, applied)
 
 
-def _call(method: Method, fn: Callable, model, path, adapter_name: str):
+def _call(method: Method, fn: Callable, model, path, adapter_name: str | None):
     """``fn(model, path, adapter_name=...)`` for methods with named adapters (LoRA, bottleneck adapters)."""
     if "adapter_name" in inspect.signature(fn).parameters:
         return fn(model, path, adapter_name=adapter_name)
-    if adapter_name != "default":
+    if adapter_name not in (None, "default"):
         raise ValueError(f"a {method.peft_type} model holds one adapter: adapter_name={adapter_name!r} "
                          f"is for methods with named adapters (LoRA, bottleneck adapters); leave it 'default'")
     return fn(model, path)
@@ -252,8 +252,10 @@ def applied_methods(model: nn.Module) -> list[str]:
     return [t for t, m in METHODS.items() if m.applied(model)]
 
 
-def save_adapter(model: nn.Module, path, adapter_name: str = "default") -> int:
+def save_adapter(model: nn.Module, path, adapter_name: str | None = None) -> int:
     """Save the PEFT method applied to ``model`` (LoRA, adapters, prefix, prompt, IA3, BitFit); return bytes.
+
+    ``adapter_name`` (LoRA, bottleneck adapters): None saves the only adapter, else the active one.
 
     >>> import tempfile
     >>> import peftlab

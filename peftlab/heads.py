@@ -18,7 +18,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from .inject import CLASSIFIER_HEADS as HEAD_NAMES  # a sequence classifier's new head: it trains too, as in HF peft
+from .inject import CLASSIFIER_HEADS  # a sequence classifier's new head: it trains too, as in HF peft
 
 TASK_TYPES = ("SEQ_CLS", "CAUSAL_LM", None)  # None: read from the model
 
@@ -44,17 +44,17 @@ def with_task_type(config, model: nn.Module):
 
 def unfreeze_head(base: nn.Module) -> None:
     """Let a sequence classifier's head (``classifier`` or ``score``) train: it starts random."""
-    heads = [m for n, m in base.named_children() if n in HEAD_NAMES]
+    heads = [m for n, m in base.named_children() if n in CLASSIFIER_HEADS]
     if not heads:
         children = [n for n, _ in base.named_children()]
-        raise ValueError(f"no classification head named {HEAD_NAMES} among {children}")
+        raise ValueError(f"no classification head named {CLASSIFIER_HEADS} among {children}")
     for p in heads[0].parameters():
         p.requires_grad_(True)
 
 
 def head_tensors(base: nn.Module) -> dict[str, torch.Tensor]:
     """The head's live tensors under HF peft's file keys (``base_model.classifier.weight``...); {} for an LM."""
-    return {f"base_model.{n}.{k}": v for n, m in base.named_children() if n in HEAD_NAMES
+    return {f"base_model.{n}.{k}": v for n, m in base.named_children() if n in CLASSIFIER_HEADS
             for k, v in m.state_dict(keep_vars=True).items()}
 
 
@@ -71,3 +71,9 @@ def base_alone(model: nn.Module, cls: type, caller: str, made_by: str) -> Iterat
         yield model
     finally:
         model.disabled = was
+
+
+def refuse_wrapped(base: nn.Module) -> None:
+    """A prefix or prompt wrapper (a module with ``.base`` and ``.disabled``) cannot take a second one."""
+    if isinstance(getattr(base, "base", None), nn.Module) and hasattr(base, "disabled"):
+        raise ValueError(f"{type(base).__name__} already wraps a model: load into its .base (or a fresh model)")

@@ -20,7 +20,6 @@ References:
 
 from __future__ import annotations
 
-import re
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 
@@ -28,7 +27,7 @@ import torch
 from torch import nn
 
 from . import files
-from .inject import Targets, freeze, matches, replace_modules
+from .inject import Targets, freeze, matches, present, replace_modules, targets_for, train_in_place, unchanged_on_error
 
 # (target_modules, feedforward_modules) per model_type: the paper's three places.
 DEFAULT_TARGETS: dict[str, tuple[Targets, Targets]] = {
@@ -85,10 +84,6 @@ class IA3Linear(nn.Module):
         return self.base(x) * self.ia3_l  # l_k * K or l_v * V
 
 
-def _is_feedforward(name: str, feedforward: Targets) -> bool:
-    return re.fullmatch(feedforward, name) is not None if isinstance(feedforward, str) else matches(name, feedforward)
-
-
 def apply_ia3(model: nn.Module, config: IA3Config | None = None) -> nn.Module:
     """Freeze ``model`` and wrap its key, value and feed-forward output layers in :class:`IA3Linear`.
 
@@ -101,23 +96,15 @@ def apply_ia3(model: nn.Module, config: IA3Config | None = None) -> nn.Module:
     config = config or IA3Config()
     targets, feedforward = config.target_modules, config.feedforward_modules
     if targets is None:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in DEFAULT_TARGETS:
-            raise ValueError(f"target_modules and feedforward_modules are required for model_type "
-                             f"{model_type!r} (defaults exist for {sorted(DEFAULT_TARGETS)})")
-        targets, feedforward = DEFAULT_TARGETS[model_type]
+        targets, feedforward = targets_for(model, DEFAULT_TARGETS, what="default target_modules and "
+                                           "feedforward_modules", hint="pass both")
     if any(isinstance(m, IA3Linear) for m in model.modules()):
         raise ValueError("this model already has IA3 vectors")
     freeze(model)
-    replace_modules(model, targets, lambda name, mod: IA3Linear(mod, _is_feedforward(name, feedforward),
+    replace_modules(model, targets, lambda name, mod: IA3Linear(mod, matches(name, feedforward),
                                                                 config.init_ia3_weights).to(mod.weight.device),
                     what="layer (IA3 wraps nn.Linear)")
-    for target in config.modules_to_save or []:
-        found = [m for n, m in model.named_modules() if n and matches(n, [target])]
-        if not found:
-            raise ValueError(f"modules_to_save entry {target!r} matched no module")
-        for module in found:
-            module.requires_grad_(True)
+    train_in_place(model, config.modules_to_save or [])
     # The resolved targets, so that a saved config (and HF peft reading it) picks the same modules.
     model.ia3_config = replace(config, target_modules=targets, feedforward_modules=feedforward)
     return model
@@ -184,16 +171,18 @@ def load_ia3(model: nn.Module, path) -> nn.Module:
     IA3 adapter or was made for another model.
     """
     raw = files.read_config(path, "IA3")
-    names = {n for n, _ in model.named_modules() if n}
+    if hasattr(model, "ia3_config"):
+        raise ValueError("this model already has IA3 vectors: load into a fresh model")
     # HF peft lists both head names ("classifier", "score") for SEQ_CLS: keep those this model has.
-    to_save = [t for t in raw.get("modules_to_save") or [] if any(matches(n, [t]) for n in names)]
+    to_save = present(model, raw.get("modules_to_save") or [])
     config = files.make_config(path, IA3Config, raw, modules_to_save=to_save or None)
     tensors = files.read_tensors(path)
-    try:
-        apply_ia3(model, config)
-    except ValueError as e:
-        raise files.AdapterFileError(f"adapter at {path} does not fit this model: {e}") from None
-    files.copy_into(path, ia3_tensors(model), tensors)
+    with unchanged_on_error(model):  # a file that does not fit leaves the model as it was
+        try:
+            apply_ia3(model, config)
+        except ValueError as e:
+            raise files.AdapterFileError(f"adapter at {path} does not fit this model: {e}") from None
+        files.copy_into(path, ia3_tensors(model), tensors)
     return model
 
 

@@ -111,6 +111,34 @@ def replace_modules(
     return chosen
 
 
+def present(model: nn.Module, targets: Iterable[str]) -> list[str]:
+    """The entries of ``targets`` that name a module of ``model`` (HF peft's rule): what a file's
+    ``modules_to_save`` keeps when it lists heads of several architectures (``classifier``, ``score``).
+
+    >>> present(nn.Sequential(nn.Sequential(nn.Linear(2, 2))), ["0.0", "score"])
+    ['0.0']
+    """
+    names = [n for n, _ in model.named_modules() if n]
+    return [t for t in targets if any(matches(n, [t]) for n in names)]
+
+
+def train_in_place(model: nn.Module, targets: Iterable[str]) -> None:
+    """Let every module named by ``targets`` train in full, in place (IA3's and BitFit's ``modules_to_save``).
+
+    >>> train_in_place(nn.Sequential(nn.Linear(2, 2)), ["classifier"])
+    Traceback (most recent call last):
+    ...
+    ValueError: modules_to_save entry 'classifier' matched no module. Top-level modules: ['0']
+    """
+    for target in targets:
+        found = [m for n, m in model.named_modules() if n and matches(n, [target])]
+        if not found:
+            tops = sorted(n for n, _ in model.named_children())
+            raise ValueError(f"modules_to_save entry {target!r} matched no module. Top-level modules: {tops}")
+        for module in found:
+            module.requires_grad_(True)
+
+
 def freeze(model: nn.Module) -> None:
     """Set ``requires_grad=False`` on every parameter (the frozen base of every PEFT method)."""
     for p in model.parameters():
@@ -187,6 +215,71 @@ def adapter_names(model: nn.Module) -> list[str]:
     return sorted({name for c in adapter_containers(model) for name in c})
 
 
+def active_adapter(model: nn.Module) -> str | None:
+    """The name of the adapter that runs (the first container with one active), or None."""
+    return next((c.active for c in adapter_containers(model) if c.active is not None), None)
+
+
+def pick_adapter(model: nn.Module, names: Iterable[str], adapter_name: str | None) -> str:
+    """``adapter_name`` if ``model`` has it; None: the only adapter, else the active one.
+
+    >>> m = nn.Sequential(ModulesToSave(nn.Linear(2, 2), "task"))
+    >>> pick_adapter(m, ["task"], None)
+    'task'
+    >>> pick_adapter(m, ["task"], "default")
+    Traceback (most recent call last):
+    ...
+    ValueError: no adapter named 'default'; this model has ['task']
+    """
+    names = sorted(names)
+    if adapter_name is None:
+        if len(names) == 1:
+            return names[0]
+        active = active_adapter(model)
+        if active in names:
+            return active
+        raise ValueError(f"this model has several adapters and none runs: name one of {names}")
+    if adapter_name not in names:
+        raise ValueError(f"no adapter named {adapter_name!r}; this model has {names}")
+    return adapter_name
+
+
+@contextmanager
+def unchanged_on_error(model: nn.Module) -> Iterator[nn.Module]:
+    """If the block raises, put ``model`` back as it was: its modules, which parameters train, its adapters.
+
+    What a failed load leaves behind otherwise: wrappers around layers, a frozen base, a half-added adapter.
+
+    >>> m = nn.Sequential(nn.Linear(2, 2))
+    >>> try:
+    ...     with unchanged_on_error(m):
+    ...         freeze(m); m[0] = nn.Identity(); raise ValueError("the file does not fit")
+    ... except ValueError:
+    ...     pass
+    >>> type(m[0]).__name__, m[0].weight.requires_grad
+    ('Linear', True)
+    """
+    modules = [(m, dict(m._modules)) for m in model.modules()]
+    trains = [(p, p.requires_grad) for p in model.parameters()]
+    active = [(c, c.active) for c in adapter_containers(model)]
+    attributes = {k: dict(v) if isinstance(v, dict) else v for k, v in vars(model).items() if not k.startswith("_")}
+    try:
+        yield model
+    except BaseException:
+        for m, children in modules:
+            m._modules.clear()
+            m._modules.update(children)
+        for p, flag in trains:
+            p.requires_grad_(flag)
+        for c, name in active:
+            c.active = name
+        for k in [k for k in vars(model) if not k.startswith("_") and k not in attributes]:
+            delattr(model, k)
+        for k, v in attributes.items():
+            setattr(model, k, v)
+        raise
+
+
 def _check_unmerged(containers: list[NamedAdapters]) -> None:
     if any(c.merged for c in containers):
         raise ValueError("an adapter is merged into the base weights: unmerge it first (unmerge_lora(model))")
@@ -217,6 +310,9 @@ def set_adapter(model: nn.Module, name: str) -> None:
     """
     containers = adapter_containers(model)
     names = sorted({n for c in containers for n in c})
+    if not containers:
+        raise ValueError(f"this {type(model).__name__} has no named adapters (LoRA, bottleneck adapters): IA3, "
+                         f"prefix, prompt and BitFit hold one, with their own disable_* (e.g. disable_ia3)")
     if name not in names:
         raise ValueError(f"unknown adapter {name!r}; this model has {names}")
     _check_unmerged(containers)
@@ -237,6 +333,9 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     'default'
     """
     containers = adapter_containers(model)
+    if not containers:
+        raise ValueError(f"this {type(model).__name__} has no named adapters (LoRA, bottleneck adapters): IA3, "
+                         f"prefix, prompt and BitFit have their own disable_* (disable_ia3, disable_prefix, ...)")
     _check_unmerged(containers)
     saved = [c.active for c in containers]
     for c in containers:

@@ -30,9 +30,12 @@ from .inject import (
     disable_adapters,
     freeze,
     get_parent,
+    pick_adapter,
+    present,
     replace_modules,
     set_adapter,
     targets_for,
+    unchanged_on_error,
     wrap_modules_to_save,
 )
 from .quant import Linear4bit
@@ -143,11 +146,17 @@ class LoraLinear(nn.Module):
 
     @property
     def lora_A(self) -> nn.Parameter:
-        return self.adapters[self.adapters.active].lora_A
+        return self._running().lora_A
 
     @property
     def lora_B(self) -> nn.Parameter:
-        return self.adapters[self.adapters.active].lora_B
+        return self._running().lora_B
+
+    def _running(self) -> LoraAdapter:
+        if self.adapters.active is None:
+            raise AttributeError(f"no adapter runs on this layer (it has {list(self.adapters)}; disabled, or "
+                                 f"set_adapter chose one this layer lacks): use layer.adapters[name].lora_A")
+        return self.adapters[self.adapters.active]
 
     # --- the math -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -279,9 +288,14 @@ def disable_lora(model: nn.Module):
     ...     m[0].adapters.active is None
     True
     """
+    merged = [layer for _, layer in lora_layers(model) if layer.adapters.merged]
     unmerge_lora(model)
-    with disable_adapters(model):
-        yield model
+    try:
+        with disable_adapters(model):
+            yield model
+    finally:
+        for layer in merged:  # merged again after the block, as it was before
+            layer.merge()
 
 
 def add_weighted_adapter(model: nn.Module, names: list[str], weights: list[float], new_name: str,
@@ -340,15 +354,14 @@ def lora_tensors(model: nn.Module, adapter_name: str = "default") -> dict[str, t
     return out
 
 
-def save_lora(model: nn.Module, path, adapter_name: str = "default") -> int:
+def save_lora(model: nn.Module, path, adapter_name: str | None = None) -> int:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` as HF peft does; return bytes written.
 
-    ``peft.PeftModel.from_pretrained(base, path)`` loads the result. Only the adapter is saved:
-    the base weights are not touched.
+    ``peft.PeftModel.from_pretrained(base, path)`` loads the result. Only the adapter is saved (None:
+    the only one, else the active one); the base weights are not touched.
     """
     configs = getattr(model, "peft_config", {})
-    if adapter_name not in configs:
-        raise ValueError(f"no adapter named {adapter_name!r}; this model has {sorted(configs)}")
+    adapter_name = pick_adapter(model, configs, adapter_name)
     config = {**asdict(configs[adapter_name]), "peft_type": PEFT_TYPE, "inference_mode": True,
               "base_model_name_or_path": files.base_model_name(model)}
     return files.write_adapter(path, config, lora_tensors(model, adapter_name))
@@ -363,10 +376,8 @@ def read_adapter_config(path) -> LoraConfig:
     for key in ("use_dora", "alpha_pattern", "rank_pattern", "layers_to_transform"):
         if raw.get(key):
             raise files.AdapterFileError(f"{file}: {key}={raw[key]!r} is not supported by peftlab's LoRA")
-    kwargs = files.dataclass_fields(LoraConfig, raw)
-    if kwargs.get("modules_to_save"):  # HF peft lists the head twice for SEQ_CLS: de-duplicate
-        kwargs["modules_to_save"] = list(dict.fromkeys(kwargs["modules_to_save"]))
-    return LoraConfig(**kwargs)
+    to_save = raw.get("modules_to_save")  # HF peft lists the head twice for SEQ_CLS: de-duplicate
+    return files.make_config(path, LoraConfig, raw, modules_to_save=list(dict.fromkeys(to_save)) if to_save else None)
 
 
 def load_lora(model: nn.Module, path, adapter_name: str = "default") -> nn.Module:
@@ -375,17 +386,19 @@ def load_lora(model: nn.Module, path, adapter_name: str = "default") -> nn.Modul
     Raises :class:`peftlab.files.AdapterFileError` (a ``ValueError``) when the file was made for
     another model: a tensor whose layer this model lacks, or whose shape differs.
     """
+    if adapter_name in getattr(model, "peft_config", {}):
+        raise ValueError(f"this model already has a LoRA adapter named {adapter_name!r}: load under another "
+                         f"adapter_name")
     config, tensors = read_adapter_config(path), files.read_tensors(path)
     if config.modules_to_save:  # HF peft adds "score" for SEQ_CLS: keep the heads this model has
-        names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-        config.modules_to_save = [m for m in config.modules_to_save if m in names]
-    try:
-        apply_lora(model, config, adapter_name)
-    except ValueError as e:
-        raise files.AdapterFileError(f"adapter at {path} does not fit this model: {e}") from None
-    files.copy_into(path, lora_tensors(model, adapter_name), tensors)
+        config.modules_to_save = present(model, config.modules_to_save)
+    with unchanged_on_error(model):  # a file that does not fit leaves the model as it was
+        try:
+            apply_lora(model, config, adapter_name)
+        except ValueError as e:
+            raise files.AdapterFileError(f"adapter at {path} does not fit this model: {e}") from None
+        files.copy_into(path, lora_tensors(model, adapter_name), tensors)
     return model
 
 
 files.register(PEFT_TYPE, save=save_lora, load=load_lora, applied=is_lora_model)
-save_adapter, load_adapter = save_lora, load_lora  # the names of earlier releases (peftlab.save_adapter dispatches)

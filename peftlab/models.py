@@ -214,8 +214,6 @@ def arch_config(name_or_path: str | dict):
     return CONFIG_MAPPING[raw.pop("model_type")](**raw)
 
 
-
-
 def config_of(model: nn.Module):
     """The transformers config of a model, or of the model a prefix/prompt wrapper holds (``.base``).
 

@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 from . import files
-from .heads import TASK_TYPES, base_alone, head_tensors, task_type_of, unfreeze_head, with_task_type
-from .inject import freeze
+from .heads import TASK_TYPES, base_alone, head_tensors, refuse_wrapped, task_type_of, unfreeze_head, with_task_type
+from .inject import freeze, unchanged_on_error
 from .models import cache_argument, is_checkpointing
 from .validate import one_of, positive_int
 
@@ -252,16 +252,18 @@ def load_prefix(base: nn.Module, path) -> PrefixTuningModel:
     Raises :class:`peftlab.files.AdapterFileError` (a ``ValueError``) when the directory is not a
     prefix or was made for another model (other layer count or key width).
     """
+    refuse_wrapped(base)
     raw = files.read_config(path, PrefixConfig.peft_type)
     layers, kv_heads, head_dim = kv_dims(base.config)
     files.check_fields(path, raw, dict(task_type=task_type_of(base), num_layers=layers,
                                        num_attention_heads=kv_heads, token_dim=kv_heads * head_dim))
     tensors = files.read_tensors(path)
     # No projection: the file holds the prefix itself.
-    model = PrefixTuningModel(base, files.make_config(path, PrefixConfig, raw, prefix_projection=False,
-                                                      encoder_hidden_size=None))
-    files.copy_into(path, {"prompt_embeddings": model.prefix_encoder.embedding.weight, **head_tensors(base)},
-                    tensors)
+    with unchanged_on_error(base):  # a file that does not fit leaves the model as it was
+        model = PrefixTuningModel(base, files.make_config(path, PrefixConfig, raw, prefix_projection=False,
+                                                          encoder_hidden_size=None))
+        files.copy_into(path, {"prompt_embeddings": model.prefix_encoder.embedding.weight, **head_tensors(base)},
+                        tensors)
     return model
 
 

@@ -36,8 +36,8 @@ import torch
 from torch import nn
 
 from . import files
-from .heads import TASK_TYPES, base_alone, head_tensors, task_type_of, unfreeze_head, with_task_type
-from .inject import freeze
+from .heads import TASK_TYPES, base_alone, head_tensors, refuse_wrapped, task_type_of, unfreeze_head, with_task_type
+from .inject import freeze, unchanged_on_error
 from .validate import one_of, positive_int
 
 INITS = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
@@ -247,6 +247,7 @@ def load_prompt(base: nn.Module, path) -> PromptTuningModel:
     Raises :class:`peftlab.files.AdapterFileError` (a ``ValueError``) when the directory is not a
     soft prompt or was made for another model (other embedding width or task).
     """
+    refuse_wrapped(base)
     raw = files.read_config(path, (PromptTuningConfig.peft_type, "P_TUNING"))
     d = base.get_input_embeddings().embedding_dim
     files.check_fields(path, raw, dict(task_type=task_type_of(base), token_dim=d))
@@ -254,8 +255,9 @@ def load_prompt(base: nn.Module, path) -> PromptTuningModel:
     # A P-tuning file holds f(E) itself, so it loads as a plain soft prompt; its init is already in the values.
     config = files.make_config(path, PromptTuningConfig, raw, prompt_tuning_init="RANDOM",
                                prompt_tuning_init_text=None)
-    model = PromptTuningModel(base, config)
-    files.copy_into(path, {"prompt_embeddings": model.prompt_encoder.embedding, **head_tensors(base)}, tensors)
+    with unchanged_on_error(base):  # a file that does not fit leaves the model as it was
+        model = PromptTuningModel(base, config)
+        files.copy_into(path, {"prompt_embeddings": model.prompt_encoder.embedding, **head_tensors(base)}, tensors)
     return model
 
 

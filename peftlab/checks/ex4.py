@@ -3,7 +3,7 @@
 Each checker builds a small real architecture (``tiny-llama``: grouped-query attention, 4 query heads
 sharing 2 key/value heads; ``tiny-bert``: a sequence classifier), copies the student's learned values
 into peftlab's :class:`~peftlab.prefix.PrefixTuningModel` or :class:`~peftlab.prompt.PromptTuningModel`
-(both equal HF peft's logits, see tests/methods/test_prefix.py and tests/methods/test_prompt.py) and compares logits.
+(both equal HF peft's logits, see tests/methods/test_prefix_prompt.py) and compares logits.
 Shapes come from the model's real module tree (``k_proj.out_features``), never from the student's code.
 
 References:

@@ -18,7 +18,6 @@ References:
 from __future__ import annotations
 
 import inspect
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,17 +36,6 @@ def save_full(model: nn.Module, path: str) -> int:
     return sum(f.stat().st_size for f in Path(path).iterdir())
 
 
-def save_trainable(model: nn.Module, path: str) -> int:
-    """The tensors that train (BitFit: the biases and the head) in one safetensors file."""
-    from safetensors.torch import save_file
-
-    os.makedirs(path, exist_ok=True)
-    file = os.path.join(path, "trainable.safetensors")
-    save_file({n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}, file)
-    return os.path.getsize(file)
-
-
-# --- the methods ----------------------------------------------------------------------------------------------
 def _full(model: nn.Module, tokenizer=None, *, head: str | None = None) -> tuple[nn.Module, SaveFn]:
     for p in model.parameters():
         p.requires_grad_(True)
@@ -56,24 +44,24 @@ def _full(model: nn.Module, tokenizer=None, *, head: str | None = None) -> tuple
 
 def _lora(model: nn.Module, tokenizer=None, r: int = 8, lora_alpha: float = 16.0,
           target_modules: list[str] | None = None, *, head: str | None = None) -> tuple[nn.Module, SaveFn]:
-    from ..lora import DEFAULT_TARGETS, LoraConfig, apply_lora, save_adapter
+    from ..lora import DEFAULT_TARGETS, LoraConfig, apply_lora, save_lora
 
     # Named explicitly (not left to apply_lora's defaults) so the saved config records them.
     targets = list(target_modules) if target_modules else targets_for(model, DEFAULT_TARGETS)
     config = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=targets,
                         modules_to_save=[head] if head else None, task_type="SEQ_CLS" if head else None)
-    return apply_lora(model, config), save_adapter
+    return apply_lora(model, config), save_lora
 
 
 def _adapters(placement: str) -> Callable[..., tuple[nn.Module, SaveFn]]:
     def apply(model: nn.Module, tokenizer=None, reduction_factor: int = 16, *,
               head: str | None = None) -> tuple[nn.Module, SaveFn]:
-        from ..adapters import AdapterConfig, apply_adapters, save_adapter
+        from ..adapters import AdapterConfig, apply_adapters, save_adapters
 
         # With a head, the adapter gets a head of its own, starting from the model's (same labels).
         config = AdapterConfig(placement=placement, reduction_factor=reduction_factor,
                                num_labels=model.config.num_labels if head else None)
-        return apply_adapters(model, config), save_adapter
+        return apply_adapters(model, config), save_adapters
     return apply
 
 
@@ -107,9 +95,9 @@ def _ia3(model: nn.Module, tokenizer=None, *, head: str | None = None) -> tuple[
 
 
 def _bitfit(model: nn.Module, tokenizer=None, *, head: str | None = None) -> tuple[nn.Module, SaveFn]:
-    from ..bitfit import apply_bitfit
+    from ..bitfit import apply_bitfit, save_bitfit
 
-    return apply_bitfit(model, modules_to_save=[head] if head else None), save_trainable
+    return apply_bitfit(model, modules_to_save=[head] if head else None), save_bitfit
 
 
 def classifier_head(model: nn.Module) -> str:

@@ -242,9 +242,90 @@ def test_read_config_without_a_peft_type(tmp_path):
     _raises(lambda: peftlab.load_adapter(_base("tiny-bert"), tmp_path), tmp_path / ADAPTER_CONFIG, "has no peft_type")
 
 
-@pytest.mark.parametrize("name", ["prefix", "prompt", "ptuning"])
+BAD_VALUES = {"prefix": ("num_virtual_tokens", 0), "prompt": ("num_virtual_tokens", 0),
+              "ptuning": ("num_virtual_tokens", 0), "lora": ("r", 0), "adapters": ("placement", "parallel")}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_VALUES))
 def test_a_bad_config_value_names_the_file(name, tmp_path):
     case, path = CASES[name], tmp_path / "adapter"
     case.save(_trained(case), path)
-    _rewrite_config(path, num_virtual_tokens=0)
-    _raises(lambda: case.load(_base(case.model), path), path / ADAPTER_CONFIG, "must be a positive integer, got 0")
+    field, value = BAD_VALUES[name]
+    _rewrite_config(path, **{field: value})
+    _raises(lambda: case.load(_base(case.model), path), path / ADAPTER_CONFIG, f"{field}.*{value}")
+
+
+# --- a load that fails leaves the model as it was; loading twice is refused before anything changes ---
+def _state(model: nn.Module):
+    return ([(n, type(m).__name__) for n, m in model.named_modules()],
+            [(n, p.requires_grad) for n, p in model.named_parameters()],
+            {k: v for k, v in vars(model).items() if not k.startswith("_") and k != "training"})
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_a_file_that_does_not_fit_leaves_the_model_unchanged(name, tmp_path):
+    case, path = CASES[name], tmp_path / "adapter"
+    case.save(_trained(case), path)
+    key = sorted(load_file(path / ADAPTER_WEIGHTS))[0]
+    _rewrite_weights(path, lambda t: t.update({key: torch.zeros(t[key].shape[0] + 1, *t[key].shape[1:])}))
+    model = _base(case.model)
+    before, logits = _state(model), _logits(model)
+    with pytest.raises(AdapterFileError, match="made for another model"):
+        case.load(model, path)
+    assert _state(model) == before
+    torch.testing.assert_close(_logits(model), logits, atol=0, rtol=0)
+    path.joinpath(ADAPTER_WEIGHTS).unlink()
+    case.save(_trained(case), path)  # a good file now loads into the same model
+    torch.testing.assert_close(_logits(case.load(model, path).eval()), _logits(_trained(case)), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_loading_into_a_model_that_has_it_already_is_refused_first(name, tmp_path):
+    case = CASES[name]
+    case.save(_trained(case), tmp_path)
+    model = case.load(_base(case.model), tmp_path)
+    before = _state(model)
+    with pytest.raises(ValueError, match="already") as info:
+        case.load(model, tmp_path)
+    assert not isinstance(info.value, AdapterFileError)  # the model is the problem, not the file
+    assert _state(model) == before
+
+
+@pytest.mark.parametrize("name", ["lora", "adapters"])
+def test_save_adapter_picks_the_only_or_the_active_adapter(name, tmp_path):
+    model = _base("tiny-bert")
+    apply = {"lora": lambda m, n: apply_lora(m, LoraConfig(r=2, target_modules=["query"]), adapter_name=n),
+             "adapters": lambda m, n: apply_adapters(m, AdapterConfig(placement="pfeiffer"), adapter_name=n)}[name]
+    apply(model, "task")  # the only adapter is not called "default"
+    assert peftlab.save_adapter(model, tmp_path / "one") > 0
+    apply(model, "other")  # the newest is active
+    peftlab.save_adapter(model, tmp_path / "active")
+    peftlab.inject.set_adapter(model, "task")
+    peftlab.save_adapter(model, tmp_path / "switched")
+    with pytest.raises(ValueError, match=r"no adapter named 'default'; this model has \['other', 'task'\]"):
+        peftlab.save_adapter(model, tmp_path / "x", adapter_name="default")
+    tensors = {d: load_file(tmp_path / d / ADAPTER_WEIGHTS) for d in ("one", "active", "switched")}
+    assert tensors["one"].keys() == tensors["switched"].keys()
+    assert all(torch.equal(tensors["one"][k], tensors["switched"][k]) for k in tensors["one"])
+    assert any(not torch.equal(tensors["one"][k], tensors["active"][k]) for k in tensors["one"])
+
+
+def test_a_dotted_modules_to_save_entry_round_trips(tmp_path):
+    model = apply_lora(_base("tiny-bert"), LoraConfig(r=2, target_modules=["query"],
+                                                      modules_to_save=["bert.pooler.dense", "classifier"]))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1)
+    save_lora(model, tmp_path)
+    torch.testing.assert_close(_logits(load_lora(_base("tiny-bert"), tmp_path).eval()), _logits(model.eval()))
+
+
+@pytest.mark.parametrize("name", ["ia3", "prefix", "prompt", "bitfit"])
+def test_the_named_adapter_walks_refuse_one_adapter_methods(name):
+    model = _trained(CASES[name])
+    with pytest.raises(ValueError, match="no named adapters.*disable_"):
+        with peftlab.inject.disable_adapters(model):
+            pass
+    with pytest.raises(ValueError, match="no named adapters"):
+        peftlab.inject.set_adapter(model, "default")

@@ -127,7 +127,7 @@ def test_ia3_config_errors():
         IA3Config(target_modules=["key"], feedforward_modules=["output.dense"])
     with pytest.raises(ValueError, match="both target_modules and feedforward_modules"):
         IA3Config(target_modules=["key"])
-    with pytest.raises(ValueError, match="required for model_type 'gpt2'"):
+    with pytest.raises(ValueError, match=r"known for model_type 'gpt2' \(known: \['bert', 'llama'\]\)"):
         apply_ia3(build_from_config("tiny-gpt2"))
 
 

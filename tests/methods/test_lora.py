@@ -311,3 +311,20 @@ def test_adapter_for_another_model_is_rejected(tmp_path):
         load_adapter(bigger, tmp_path / "ad")
     with pytest.raises(FileNotFoundError, match="adapter directory"):
         load_adapter(build_from_config("tiny-llama"), tmp_path / "nothing")
+
+
+def test_disable_lora_on_a_merged_model_runs_the_base_and_merges_again():
+    from peftlab.models import build_from_config
+
+    base = build_from_config("tiny-llama").eval()
+    ids = torch.randint(3, 256, (1, 5))
+    with torch.no_grad():
+        expected_base = base(ids).logits
+    model = apply_lora(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
+    merge_lora(model)
+    with torch.no_grad():
+        merged = model(ids).logits
+        with disable_lora(model):
+            torch.testing.assert_close(model(ids).logits, expected_base, atol=1e-5, rtol=0)
+        assert all(layer.adapters.merged for _, layer in lora_layers(model))
+        torch.testing.assert_close(model(ids).logits, merged, atol=1e-5, rtol=0)
