@@ -34,7 +34,7 @@ warnings.filterwarnings("ignore")  # bitsandbytes' import and per-call int8 cast
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from peftlab.experiments.instruct import INSTRUCTIONS, LLAMA_TARGETS, collate, tokenize_chat  # noqa: E402
+from peftlab.experiments.qlora import INSTRUCTIONS, LLAMA_TARGETS, collate, tokenize_chat  # noqa: E402
 from peftlab.lora import LoraConfig, apply_lora  # noqa: E402
 from peftlab.models import build_from_config  # noqa: E402
 from peftlab.quant import QuantConfig, quantize_model  # noqa: E402

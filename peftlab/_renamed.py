@@ -16,7 +16,7 @@ RENAMED = {
     "peftlab.checks_ex4": "peftlab.checks.ex4",
     "peftlab.checks_ex5": "peftlab.checks.ex5",
     "peftlab.memory": "peftlab.experiments.memory",
-    "peftlab.qlora": "peftlab.experiments.instruct",
+    "peftlab.qlora": "peftlab.experiments.qlora",
 }
 
 

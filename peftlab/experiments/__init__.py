@@ -8,7 +8,7 @@ They use the library (``peftlab``) and nothing in the library imports them. ``pe
 - :mod:`.comparison`: one fine-tuning run per method on tweet sentiment, and the comparison table and plot.
 - :mod:`.memory`: the analytic memory model (weights, gradients, optimizer state, activations) and its measurement.
 - :mod:`.memory_report`: the memory comparison report (135M to 70B, with GPU and CPU measurements).
-- :mod:`.instruct`: instruction tuning of a causal LM with QLoRA (exercise 5's experiment).
+- :mod:`.qlora`: QLoRA's studies: instruction tuning of a causal LM on a 4-bit base, the NF4 figures (exercise 5).
 - :mod:`.multitask`: one frozen MiniLM serving two tasks with a bottleneck adapter each (exercise 3).
 """
 

@@ -23,8 +23,8 @@ def test_earlier_setup_cells_still_run():
     code = ("from peftlab import checks, checks_ex3\nfrom peftlab import checks_ex4\n"
             "from peftlab import checks, checks_ex5, memory, qlora, quant\n"
             "from peftlab.memory import get_model_config\n"
-            "import peftlab.checks.ex5, peftlab.experiments.instruct\n"
-            "assert checks_ex5 is peftlab.checks.ex5 and qlora is peftlab.experiments.instruct\n"
+            "import peftlab.checks.ex5, peftlab.experiments.qlora\n"
+            "assert checks_ex5 is peftlab.checks.ex5 and qlora is peftlab.experiments.qlora\n"
             "assert callable(checks.check_lora_init) and callable(checks_ex3.check_add_adapters)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -1,5 +1,5 @@
 """QLoRA = quantize_model + apply_lora: peftlab's LoraLinear over peftlab's Linear4bit, and a hand-written LoRA
-over Linear4bit as an independent reference. (The instruction-tuning recipe: tests/experiments/test_instruct.py;
+over Linear4bit as an independent reference. (The instruction-tuning recipe: tests/experiments/test_qlora_recipe.py;
 NF4 itself: test_quant.py.)"""
 
 import math

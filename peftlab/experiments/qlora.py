@@ -161,7 +161,7 @@ def qlora_finetune(model: nn.Module, tokenizer, examples: list[tuple[str, str]] 
     :func:`tokenize_chat`, or any ``input_ids``/``labels`` pairs) to skip the tokenizer. The
     4-bit weights never change: AdamW only sees the LoRA parameters.
 
-    Usage (``tests/experiments/test_instruct.py`` runs it on three layers of SmolLM2)::
+    Usage (``tests/experiments/test_qlora_recipe.py`` runs it on three layers of SmolLM2)::
 
         model, tok = load_causal_lm()
         res = qlora_finetune(model, tok, steps=10)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from peftlab.experiments.instruct import INSTRUCTIONS, collate, keep_layers, qlora_finetune, tokenize_chat
+from peftlab.experiments.qlora import INSTRUCTIONS, collate, keep_layers, qlora_finetune, tokenize_chat
 from peftlab.lora import lora_layers
 from peftlab.quant import Linear4bit, QuantConfig, quantize_model
 
