@@ -22,10 +22,12 @@ c.Execute.interrupt_on_timeout = True  # an infinite loop costs one cell, not th
 c.OverwriteCells.add_missing_cells = True
 c.LimitOutput.max_lines = 200  # keep feedback readable when a submission prints in a loop
 
-# A grade cell is scored by its verdict (an exception or none), not by a library's stderr: see
-# autograde/preprocessors.py. nbgrader's default list, with StderrIsNotAVerdict right after Execute.
+# No student code runs in nbgrader's process: `python -m autograde grade` has run every notebook in a sandbox and
+# decided every check cell in its own process (autograde/batch.py, autograde/verdicts.py). ApplyRun, in place of
+# nbgrader's Execute, puts those outputs and verdicts in (released sources for the locked cells: no hidden test
+# reaches the feedback); SaveAutoGrades then scores them. StderrIsNotAVerdict stays for `validate`'s sake.
 c.Autograde.autograde_preprocessors = [
-    "nbgrader.preprocessors.Execute",
+    "autograde.preprocessors.ApplyRun",
     "autograde.preprocessors.StderrIsNotAVerdict",
     "nbgrader.preprocessors.IgnorePattern",
     "nbconvert.preprocessors.ClearMetadataPreprocessor",

@@ -26,6 +26,7 @@ import csv
 import hashlib
 import importlib.metadata
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -322,37 +323,6 @@ def _validate_here(notebook: str, timeout: int) -> int:
 
 
 # --- grading -------------------------------------------------------------------------------------
-def check_notebook_file(path: Path) -> str | None:
-    """None for a readable notebook, else a one-line reason naming the file."""
-    try:
-        nb = nbformat.read(path, as_version=4)
-        nbformat.validate(nb)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is reported, never fatal
-        return f"{path}: not a valid notebook ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-    return None
-
-
-def stage_submissions(submissions: Path, course: Path) -> list[str]:
-    """Copy ``submissions/<student>/<assignment>/`` into ``course/submitted``, leaving out corrupt notebooks."""
-    target = course / "submitted"
-    problems = []
-    if submissions.resolve() != target.resolve():
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(submissions, target, ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
-    for path in sorted(target.glob("*/*/*.ipynb")):
-        reason = check_notebook_file(path)
-        if reason:
-            problems.append(reason.replace(str(target), str(submissions)))
-            path.rename(path.with_name(path.name + ".corrupt"))  # nbgrader then scores it as not submitted
-            continue
-        release = course / "release" / path.parent.name / path.name
-        if release.exists():
-            restored = restore_deleted_cells(path, release)
-            if restored:
-                print(f"{path.relative_to(target)}: restored deleted cells {restored} from the release")
-    return problems
-
-
 def restore_deleted_cells(path: Path, release: Path) -> list[str]:
     """Put back (as released) every nbgrader cell the student deleted, where it was; return their ids.
 
@@ -374,28 +344,79 @@ def restore_deleted_cells(path: Path, release: Path) -> list[str]:
     return [grade_id(c) for c in missing]
 
 
-def grade(submissions: Path, course: Path | None = None, root: Path | None = None, timeout: int = 120,
-          notebook_timeout: int = 900) -> list[dict]:
-    """Autograde ``submissions/<student>/<assignment>/*.ipynb``; write the gradebook, CSVs and feedback HTML.
+def grading_salt(course: Path, new: bool = False) -> int:
+    """The salt of this course folder's trusted re-runs: drawn once (``secrets``), kept in ``.grading/salt``, so a
+    second run gives the same grades; ``new=True`` draws another (a fresh set of hidden inputs)."""
+    path = course / ".grading" / "salt"
+    if new or not path.exists():
+        import secrets
 
-    Each (student, assignment) is graded in its own nbgrader process with a wall-clock limit, so a
-    corrupt, looping or crashing submission costs only its own score.
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(str(secrets.randbits(62)))
+        path.chmod(0o600)
+    return int(path.read_text())
+
+
+def grade(submissions: Path, course: Path | None = None, root: Path | None = None, timeout: int = 120,
+          notebook_timeout: int = 900, jobs: int | None = None, new_salt: bool = False,
+          experiments: bool = False) -> list[dict]:
+    """Autograde ``submissions/<student>/<assignment>/*.ipynb``: sandboxed runs, trusted verdicts, one writer.
+
+    1. :func:`autograde.batch.stage`: every student folder, one status per assignment;
+    2. :func:`autograde.batch.run_students`: ``jobs`` students at a time (default: every core), each in its own
+       sandbox (:mod:`autograde.sandbox`): the feedback run and the trusted re-run (:mod:`autograde.verdicts`);
+    3. one ``nbgrader autograde`` records the results (:class:`autograde.preprocessors.ApplyRun`), then
+       ``generate_feedback`` and ``export``; ``scores.csv`` and the summary add the statuses.
     """
+    from autograde import batch, sandbox
+    from autograde.verdicts import Verdicts
+
     root = root or repo_root()
     course = (course or root / "autograde").resolve()
     submissions = submissions.resolve()
     if not submissions.is_dir():
         raise ValueError(f"submissions folder {submissions} does not exist (expected <student>/<assignment>/*.ipynb)")
+    if submissions == (course / "submitted").resolve():
+        raise ValueError(f"{submissions} is the course's own submitted/ folder; hand in a copy (grading rewrites it)")
+    why = sandbox.available()
+    if why:
+        raise RuntimeError(f"cannot grade safely here: {why}")
     start = time.perf_counter()
     generate(root, course)
-    problems = stage_submissions(submissions, course)
-    for p in problems:
-        print(f"ERROR {p}: graded as not submitted")
-    names = set(assignments(root))
-    rows = []
-    for student_dir in sorted(p for p in (course / "submitted").iterdir() if p.is_dir()):
-        rows += grade_student(course, student_dir, names, timeout, notebook_timeout)
-    for name in sorted(names):
+    names = assignments(root)
+    releases = {n: nbformat.read(course / "release" / n / f"{n}.ipynb", as_version=4) for n in names}
+    status = batch.stage(submissions, course, releases)
+    students: dict[str, dict[str, Path]] = {}
+    for (student, name), notes in sorted(status.items()):
+        path = course / "submitted" / student / name / f"{name}.ipynb"
+        if name in releases and path.exists():
+            students.setdefault(student, {})[name] = path
+        for note in notes:
+            print(f"{student}/{name}: {note}")
+    verdicts = Verdicts(root, course, grading_salt(course, new_salt), unit_seconds=timeout)
+    for name in names:  # the solution's answers first: a broken reference stops the batch before any student
+        verdicts.reference(name)
+    jobs = jobs or os.cpu_count() or 1
+    from autograde import similarity
+
+    def similar(student, name, path):
+        from autograde.verdicts import student_code
+
+        code = "\n\n".join(src for _, src in student_code(nbformat.read(path, as_version=4), releases[name]))
+        return similarity.score(code, name, root)
+
+    results = batch.run_students(course, root, verdicts, students, jobs, timeout, similarity=similar,
+                                 experiments=experiments)
+    t_record = time.perf_counter()
+    code, log = _nbgrader(["autograde", "*", "--force"], course, notebook_timeout * max(len(students), 1))
+    missing = [(s, n) for s, ns in students.items() for n in ns
+               if not (course / "autograded" / s / n / f"{n}.ipynb").exists()]
+    for student, name in missing:  # nbgrader failed on these: try each alone, say so
+        code1, log1 = _nbgrader(["autograde", name, "--student", student, "--force"], course, notebook_timeout)
+        if code1 != 0:
+            status[(student, name)].append("not recorded: nbgrader failed on this notebook: " +
+                                           " | ".join(line for line in log1.splitlines() if "ERROR" in line)[-300:])
+    for name in sorted({n for ns in students.values() for n in ns}):
         code, log = _nbgrader(["generate_feedback", name, "--force"], course)
         if code != 0:
             print(f"ERROR generate_feedback {name}:\n{log[-2000:]}")
@@ -403,55 +424,58 @@ def grade(submissions: Path, course: Path | None = None, root: Path | None = Non
     if code != 0:
         print(f"ERROR nbgrader export:\n{log[-2000:]}")
     scores = autograded_scores(course)
-    for row in rows:
-        row.update(scores.get((row["student"], row["assignment"]), {}))
+    rows = []
+    for (student, name), notes in sorted(status.items()):
+        result = results.get((student, name), {})
+        row = dict(student=student, assignment=name, seconds=result.get("seconds", 0.0))
+        row.update(scores.get((student, name), {}))
+        sim = result.get("similarity") or {}
+        row["similarity"] = round(sim.get("max", 0.0), 2) if sim else ""
+        flags = [r for v in result.get("verdicts", {}).values() for r in v["reasons"] if r.startswith(("not your own",
+                                                                                                      "it changes"))]
+        if sim and sim.get("max", 0.0) >= similarity.THRESHOLD:
+            flags.append(f"review: similarity {sim['max']:.2f} to {sim.get('closest', 'the reference')}")
+        row["review"] = " | ".join(dict.fromkeys(flags))
+        graded = (student, name) in results and (course / "autograded" / student / name / f"{name}.ipynb").exists()
+        if graded:
+            row["status"] = "; ".join(["graded", *notes])
+        else:
+            row["status"] = "; ".join(notes) if any(n.startswith("not ") for n in notes) else \
+                "; ".join(["not graded", *notes])
+        rows.append(row)
     write_scores(rows, course / "scores.csv")
-    print(f"\n{'student':>12} {'assignment':>16} {'autograded':>11} {'written (to grade)':>19}  status")
+    print(f"\n{'student':>12} {'assignment':>18} {'autograded':>11} {'written':>8}  status")
     for r in rows:
-        auto = f"{r.get('autograded', 0):>5g} / {r.get('autograded_max', 0):<3g}"
-        print(f"{r['student']:>12} {r['assignment']:>16} {auto} {r.get('manual_max', 0):>13g} pts   {r['status']}")
-    print(f"\ngradebook {course / 'gradebook.db'}; scores {course / 'grades.csv'} (nbgrader export) and "
-          f"{course / 'scores.csv'}; feedback in {course / 'feedback'}; {time.perf_counter() - start:.0f} s in all")
+        auto = f"{r.get('autograded', 0):>5g} / {r.get('autograded_max', 0):<3g}" if "autograded" in r else " " * 11
+        print(f"{r['student']:>12} {r['assignment']:>18} {auto} {r.get('manual_max', 0):>6g}   {r['status']}")
+    print(summary(rows, time.perf_counter() - start, t_record - start, jobs))
+    print(f"gradebook {course / 'gradebook.db'}; scores {course / 'grades.csv'} (nbgrader export) and "
+          f"{course / 'scores.csv'}; feedback in {course / 'feedback'}")
     return rows
 
 
-def grade_student(course: Path, student_dir: Path, names: set[str], timeout: int, notebook_timeout: int) -> list[dict]:
-    """Autograde all of one student's assignments in one nbgrader process (startup is slow); if that process has to
-    be killed (a kernel nbgrader cannot interrupt), grade the assignments it did not finish one by one."""
-    student = student_dir.name
-    todo = []
-    rows = {}
-    for assignment_dir in sorted(p for p in student_dir.iterdir() if p.is_dir()):
-        name = assignment_dir.name
-        if name not in names:
-            print(f"ERROR {assignment_dir}: unknown assignment {name!r}; expected one of {sorted(names)}")
-        elif not list(assignment_dir.glob("*.ipynb")):
-            rows[name] = dict(student=student, assignment=name, status="no readable notebook", seconds=0.0)
-        else:
-            todo.append(name)
-    flags = ["--student", student, "--force", f"--Execute.timeout={timeout}",
-             f"--ExecutePreprocessor.timeout={timeout}"]
-    t0 = time.perf_counter()
-    code, log = _nbgrader(["autograde", "*", *flags], course, notebook_timeout * max(len(todo), 1), GRADING_ENV) \
-        if todo else (0, "")
-    seconds = (time.perf_counter() - t0) / max(len(todo), 1)
-    graded = {n for n in todo if list((course / "autograded" / student / n).glob("*.ipynb"))}
-    if code == -9:  # killed: retry the unfinished ones alone, each with its own limit
-        for name in sorted(set(todo) - graded):
-            t1 = time.perf_counter()
-            code1, log1 = _nbgrader(["autograde", name, *flags], course, notebook_timeout, GRADING_ENV)
-            rows[name] = dict(student=student, assignment=name, seconds=round(time.perf_counter() - t1, 1),
-                              status="ok" if code1 == 0 else f"failed ({'killed' if code1 == -9 else 'error'})")
-    for name in todo:
-        if name not in rows:
-            rows[name] = dict(student=student, assignment=name, seconds=round(seconds, 1),
-                              status="ok" if name in graded else "failed (see the log above)")
-    if code != 0:
-        errors = [line for line in log.splitlines() if "ERROR" in line][-6:]
-        print(f"ERROR while grading {student}:\n  " + "\n  ".join(errors))
-    for name in sorted(rows):
-        print(f"graded {student}/{name}: {rows[name]['status']} ({rows[name]['seconds']} s)")
-    return [rows[n] for n in sorted(rows)]
+def summary(rows: list[dict], seconds: float, run_seconds: float, jobs: int) -> str:
+    """The end-of-batch summary: who was graded, what failed by kind, the distribution of scores."""
+    import collections
+
+    students = sorted({r["student"] for r in rows})
+    graded = [r for r in rows if r["status"].startswith("graded")]
+    kinds = collections.Counter()
+    for r in rows:
+        for part in r["status"].split("; ")[1:]:
+            kinds[re.sub(r"[\"'].*?[\"']|\[.*?\]|\d+", "…", part)[:70]] += 1
+        if r.get("review"):
+            kinds["flagged for review"] += 1
+    bins = collections.Counter()
+    for r in graded:
+        if r.get("autograded_max"):
+            bins[min(int(10 * r["autograded"] / r["autograded_max"]), 9)] += 1
+    lines = [f"\n{len(students)} students, {len(graded)} of {len(rows)} notebooks graded in {seconds:.0f} s "
+             f"({run_seconds / max(len(students), 1):.1f} s per student for the sandboxed runs, {jobs} at a time)"]
+    lines += [f"  {n:>4} x {k}" for k, n in kinds.most_common()]
+    lines.append("  scores (share of the autograded points): " +
+                 "  ".join(f"{10 * b}-{10 * b + 10}%: {bins[b]}" for b in range(10) if bins[b]))
+    return "\n".join(lines)
 
 
 def autograded_scores(course: Path) -> dict[tuple[str, str], dict]:
@@ -478,7 +502,7 @@ def autograded_scores(course: Path) -> dict[tuple[str, str], dict]:
 
 def write_scores(rows: list[dict], path: Path) -> None:
     fields = ["student", "assignment", "autograded", "autograded_max", "manual_max", "failed_cells", "status",
-              "seconds"]
+              "review", "similarity", "seconds"]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
@@ -500,9 +524,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--course-dir", type=Path, default=None, help="nbgrader course folder (default: autograde/)")
     p.add_argument("--timeout", type=int, default=120, help="seconds per cell (nbgrader's default is 30)")
     p.add_argument("--notebook-timeout", type=int, default=900, help="seconds per student and assignment")
+    p.add_argument("--jobs", type=int, default=None, help="students graded at a time (default: one per core)")
+    p.add_argument("--new-salt", action="store_true", help="draw new hidden inputs for the re-run (grades may move)")
+    p.add_argument("--experiments", action="store_true",
+                   help="run the course's experiment cells in the feedback run too (slower; they decide no points)")
     p = sub.add_parser("validate", help="run a notebook and its visible checks, as nbgrader validate")
     p.add_argument("notebook", type=Path)
     p.add_argument("--timeout", type=int, default=300, help="seconds per cell")
+    p = sub.add_parser("student-bundle", help="what a graded class hands out: the release without any answer")
+    p.add_argument("out", type=Path, help="a new folder (a .zip of it is written beside it)")
     p = sub.add_parser("reset", help="restore a fresh release notebook (your version is kept as .bak)")
     p.add_argument("notebook", type=Path)
     args = parser.parse_args(argv)
@@ -510,10 +540,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "release":
             return release(check=args.check, rebuild=args.rebuild)
         if args.command == "grade":
-            grade(args.submissions, args.course_dir, timeout=args.timeout, notebook_timeout=args.notebook_timeout)
+            grade(args.submissions, args.course_dir, timeout=args.timeout, notebook_timeout=args.notebook_timeout,
+                  jobs=args.jobs, new_salt=args.new_salt, experiments=args.experiments)
             return 0
         if args.command == "validate":
             return validate(args.notebook, args.timeout)
+        if args.command == "student-bundle":
+            from autograde.bundle import student_bundle
+
+            out = student_bundle(args.out.resolve(), repo_root())
+            print(f"wrote {out} and {out.with_suffix('.zip')}: the release notebooks, peftlab, the data they read; "
+                  f"no solutions, sample submissions, hidden tests or grader")
+            return 0
         reset(args.notebook)
         return 0
     except (ValueError, RuntimeError) as e:

@@ -20,7 +20,7 @@ from __future__ import annotations
 from nbconvert.preprocessors import Preprocessor
 from nbformat.v4 import new_output
 from nbgrader.utils import is_grade
-from traitlets import Bool
+from traitlets import Bool, Unicode
 
 PREFIX = "[stderr] "
 
@@ -48,3 +48,70 @@ class StderrIsNotAVerdict(Preprocessor):
                 outputs.append(out)
             cell.outputs = outputs
         return cell, resources
+
+
+class ApplyRun(Preprocessor):
+    """nbgrader's ``Execute``, replaced: put in the outputs of the sandboxed run and the trusted verdicts.
+
+    :mod:`autograde.batch` has already run the notebook (in a sandbox) and decided every check cell
+    (:mod:`autograde.verdicts`); its result file is ``<results_dir>/<student>/<assignment>.json``. Here, in the
+    grader's own nbgrader process:
+
+    - every locked cell gets its released source back, so the autograded notebook and the feedback never hold a
+      hidden test (nbgrader's ``OverwriteCells`` has just put the gradebook's version, hidden tests included, there);
+    - every code cell gets the run's outputs (text and images only; errors and stderr as text: they decide nothing);
+    - every check cell gets one more output with the verdict: a passing note, or an ``error`` that nbgrader's
+      ``SaveAutoGrades`` scores 0, with the reasons (which call failed, never the expected values).
+    """
+
+    enabled = Bool(True, help="on by default (nbconvert's preprocessors are off unless enabled)").tag(config=True)
+    results_dir = Unicode(".grading/results", help="the result files of autograde.batch").tag(config=True)
+    release_dir = Unicode("release", help="the released notebooks (locked cells as the students got them)").tag(
+        config=True)
+
+    def preprocess(self, nb, resources):
+        import json
+        from pathlib import Path
+
+        import nbformat
+
+        info = resources.get("nbgrader", {})
+        student, assignment, notebook = info.get("student"), info.get("assignment"), info.get("notebook")
+        path = Path(self.results_dir) / str(student) / f"{assignment}.json"
+        result = json.loads(path.read_text()) if path.exists() else None
+        release_path = Path(self.release_dir) / str(assignment) / f"{notebook}.ipynb"
+        released = {}
+        if release_path.exists():
+            for cell in nbformat.read(release_path, as_version=4).cells:
+                gid = cell.metadata.get("nbgrader", {}).get("grade_id")
+                if gid:
+                    released[gid] = cell
+        outputs = (result or {}).get("outputs", {})
+        verdicts = (result or {}).get("verdicts", {})
+        first_code = True
+        for cell in nb.cells:
+            meta = cell.metadata.get("nbgrader", {})
+            gid = meta.get("grade_id")
+            if meta.get("locked") and gid in released:
+                cell.source = released[gid].source
+            if cell.cell_type != "code":
+                continue
+            cell.outputs = [new_output(o["output_type"], **{k: v for k, v in o.items() if k != "output_type"})
+                            for o in outputs.get(cell.get("id"), [])]
+            if first_code and result is not None:
+                cell.outputs += [new_output("stream", name="stdout", text=n + "\n") for n in result.get("notes", [])]
+            first_code = False
+            if is_grade(cell):
+                verdict = verdicts.get(gid)
+                if result is None or verdict is None:
+                    cell.outputs.append(new_output("error", ename="NotGraded", evalue="this cell was not graded",
+                                                   traceback=["[grader] this cell was not graded (no result)"]))
+                elif verdict["passed"]:
+                    text = "[grader] passed: the grader's re-run, hidden cases included\n"
+                    cell.outputs.append(new_output("stream", name="stdout", text=text))
+                else:
+                    reasons = verdict["reasons"]
+                    cell.outputs.append(new_output("error", ename="GradedCheckFailed", evalue="; ".join(reasons)[:2000],
+                                                   traceback=["[grader] failed in the grader's re-run:"] +
+                                                   [f"  - {r}" for r in reasons[:12]]))
+        return nb, resources

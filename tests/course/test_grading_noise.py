@@ -54,21 +54,24 @@ def test_stderr_is_kept_as_text_but_never_scored():
     assert nb.cells[2].outputs[0].name == "stderr"
 
 
-def test_the_course_config_runs_it_right_after_execute_and_it_is_enabled():
-    """nbconvert skips a preprocessor whose ``enabled`` is False: the course config must really run it."""
+def test_the_course_config_records_the_sandboxed_run_in_place_of_execute_and_both_are_enabled():
+    """No student code runs in nbgrader's process: ApplyRun takes Execute's place (autograde/batch.py ran the
+    notebook in a sandbox); nbconvert skips a preprocessor whose ``enabled`` is False, so both must be on."""
     config = Config()
     exec(compile((ROOT / "autograde" / "nbgrader_config.py").read_text(), "nbgrader_config.py", "exec"),
          {"get_config": lambda: config})
     pps = list(config.Autograde.autograde_preprocessors)
-    assert pps[pps.index("nbgrader.preprocessors.Execute") + 1] == "autograde.preprocessors.StderrIsNotAVerdict"
-    assert "nbgrader.preprocessors.SaveAutoGrades" in pps[pps.index("autograde.preprocessors.StderrIsNotAVerdict"):]
+    assert pps[:2] == ["autograde.preprocessors.ApplyRun", "autograde.preprocessors.StderrIsNotAVerdict"]
+    assert "nbgrader.preprocessors.Execute" not in pps
+    assert "nbgrader.preprocessors.SaveAutoGrades" in pps[2:]
     from nbconvert.exporters import NotebookExporter
 
     exporter = NotebookExporter()
-    exporter.register_preprocessor("autograde.preprocessors.StderrIsNotAVerdict")
-    assert [type(p).__name__ for p in exporter._preprocessors if p.enabled] == ["StderrIsNotAVerdict"]
-    # nbgrader's defaults, in order, with ours inserted (a new nbgrader with other defaults shows up here)
+    for name in pps[:2]:
+        exporter.register_preprocessor(name)
+    assert [type(p).__name__ for p in exporter._preprocessors if p.enabled] == ["ApplyRun", "StderrIsNotAVerdict"]
+    # nbgrader's defaults, in order, Execute replaced (a new nbgrader with other defaults shows up here)
     from nbgrader.converters import Autograde
 
     defaults = [c.__name__ for c in Autograde().autograde_preprocessors]
-    assert [p.rsplit(".", 1)[1] for p in pps if not p.startswith("autograde.")] == defaults
+    assert ["Execute"] + [p.rsplit(".", 1)[1] for p in pps if not p.startswith("autograde.")] == defaults
