@@ -183,7 +183,7 @@ class Verdicts:
         cells = [(_meta(c)["grade_id"], student_source(c.source)) for c in source.cells
                  if c.cell_type == "code" and _meta(c).get("solution") and not _meta(c).get("grade")]
         job = units(source, self.plans[assignment], cells)
-        digest = hashlib.sha256(json.dumps([self.salt, job], sort_keys=True).encode()).hexdigest()[:16]
+        digest = hashlib.sha256(json.dumps([self.salt, job, _code_digest()], sort_keys=True).encode()).hexdigest()[:16]
         cache = self.work / f"reference-{assignment}-{digest}.json"
         if cache.exists():
             records = json.loads(cache.read_text())
@@ -239,6 +239,19 @@ class Verdicts:
                         reasons.append(f"{what}: differs from the reference in {', '.join(diff[:6])}")
                 out[a][grade_id] = CellVerdict(not reasons, reasons)
         return out
+
+
+def _code_digest() -> str:
+    """What the solution's answers depend on besides the job: the observers, the worker, torch and transformers."""
+    import importlib.metadata
+
+    here = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted([here / "worker.py", here / "plan.py", *(here / "observe").glob("*.py")]):
+        digest.update(path.name.encode() + path.read_bytes())
+    for dist in ("torch", "transformers"):
+        digest.update(importlib.metadata.version(dist).encode())
+    return digest.hexdigest()
 
 
 def _limits(n_units: int, unit_seconds: int) -> sandbox.Limits:
