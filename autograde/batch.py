@@ -36,7 +36,7 @@ import nbformat
 
 from autograde import sandbox
 
-KERNEL_LIMITS = sandbox.Limits(wall_seconds=900)
+KERNEL_LIMITS = sandbox.Limits(wall_seconds=900, file_bytes=64 * 2**20)  # an executed notebook is read up to this
 CELL_TEXT_BYTES = 64 * 1024  # what the feedback keeps of one cell's text outputs
 NOTEBOOK_OUTPUT_BYTES = 2 * 2**20  # and of a whole notebook's outputs (images included)
 IMAGE_BYTES = 512 * 1024
@@ -243,7 +243,7 @@ def feedback_run(student: str, notebooks: dict[str, Path], releases: dict, root:
         notes = [f"[grader] the notebook run was stopped: {h}" for h in run.hit]
         executed = scratch / a / "executed.ipynb"
         nb = None
-        if executed.exists() and executed.stat().st_size <= 4 * NOTEBOOK_OUTPUT_BYTES + 2**20 * 8:
+        if executed.exists() and executed.stat().st_size <= limits.file_bytes:
             nb = _read(executed)
         if nb is None:
             notes.append("[grader] the notebook run left no readable outputs (the kernel did not start or "

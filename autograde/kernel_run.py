@@ -11,12 +11,36 @@ its time limit still leaves the outputs of the cells that ran; the cells after a
 
 from __future__ import annotations
 
+import json
 import sys
 
 import nbformat
 from nbclient import NotebookClient
 from nbclient.exceptions import CellTimeoutError, DeadKernelError
 from nbformat.v4 import new_output
+
+CELL_BYTES = 256 * 1024  # what is written of one cell's outputs (the grader cuts again, to less, on its side)
+
+
+def _cut(cell) -> None:
+    """Keep the first :data:`CELL_BYTES` of a cell's outputs, and say how much was cut."""
+    kept, dropped, outputs = 0, 0, []
+    for out in cell.get("outputs", []):
+        size = len(json.dumps(out))
+        if kept + size <= CELL_BYTES:
+            outputs.append(out)
+            kept += size
+        elif out.get("output_type") == "stream" and kept < CELL_BYTES:
+            room = CELL_BYTES - kept
+            text = "".join(out.get("text", ""))
+            outputs.append(new_output("stream", name=out.get("name", "stdout"), text=text[:room]))
+            dropped += size - room
+            kept = CELL_BYTES
+        else:
+            dropped += size
+    if dropped:
+        cell.outputs = outputs
+        _note(cell, f"output cut: {dropped:,} more bytes (the feedback keeps the first {CELL_BYTES:,})")
 
 
 def _note(cell, text: str) -> None:
@@ -42,6 +66,7 @@ def run_notebook(path_in: str, path_out: str, timeout: int) -> None:
             except DeadKernelError:
                 dead_at = cell.get("id", index)
                 _note(cell, "the kernel died while running this cell (it exited, crashed or ran out of memory)")
+            _cut(cell)
             nbformat.write(nb, path_out)
     nbformat.write(nb, path_out)
 

@@ -9,13 +9,17 @@ Every process that runs a student's code (the notebook's kernel, the trusted re-
   name. The gradebook, ``source/``, ``submitted/``, other students' files and the repository are not there;
 - **processes**: new pid, network, IPC and UTS namespaces (``--unshare-pid --unshare-net ...``): no view of the
   grader's processes or their command lines, no network, and every process the run started dies with it (the pid
-  namespace ends when its first process exits; ``--die-with-parent`` ends it with the grader);
+  namespace ends when its first process exits; ``--die-with-parent`` ends it with the grader). ``--as-pid-1``:
+  the command itself is that first process, so not even bubblewrap's own command line (the host paths it
+  mounts) is in view;
 - **identity**: ``setpriv`` drops to an unprivileged uid (one per parallel slot) with no capabilities and
   ``no_new_privs``: files the grader did not make world-readable stay unreadable, nothing can be written outside
   the scratch folder;
 - **limits** (:class:`Limits`, ``prlimit``): address space (a 6 GiB allocation fails with ``MemoryError``),
-  processes (a fork bomb stops at the limit), CPU seconds, size of a written file; the grader adds the wall
-  clock and the bytes it reads back. :func:`run` returns what was hit as a sentence for the feedback.
+  processes (a fork bomb stops at the limit), CPU seconds, size of a written file; ``/tmp`` is a 512 MiB tmpfs;
+  where the machine has cgroup v1 controllers, the whole sandbox is in a memory and a pids cgroup of its slot
+  (8 GiB and 256 tasks, ``/tmp`` included); the grader adds the wall clock and the bytes it reads back.
+  :func:`run` returns what was hit as a sentence for the feedback.
 
 bubblewrap must be installed (``apt-get install bubblewrap``); :func:`available` says whether it is, and why not.
 """
@@ -32,6 +36,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+TMP_BYTES = 512 * 2**20  # the sandbox's /tmp (RAM-backed): capped, and charged to its memory cgroup
+CGROUPS = Path("/sys/fs/cgroup")  # cgroup v1 memory and pids controllers, where the machine lets root use them
 UID_BASE = 61000  # uid of slot i is UID_BASE + i: one per parallel run, so process limits are per run
 HOME = "/home/student"
 
@@ -39,6 +45,7 @@ HOME = "/home/student"
 @dataclass(frozen=True)
 class Limits:
     memory_bytes: int = 6 * 2**30  # address space per process (RLIMIT_AS); torch + a tiny model need ~2 GiB
+    sandbox_memory_bytes: int = 8 * 2**30  # resident memory of the whole sandbox, /tmp included (memory cgroup)
     processes: int = 256  # processes and threads of the run's uid (RLIMIT_NPROC); torch starts a few dozen
     cpu_seconds: int = 1800  # per process (RLIMIT_CPU)
     file_bytes: int = 256 * 2**20  # largest file the run may write (RLIMIT_FSIZE)
@@ -93,13 +100,13 @@ def _dirs_to(path: Path) -> list[str]:
 
 def _bwrap_args(ro_binds: list[tuple[Path, str]], hide: list[Path], scratch: Path | None) -> list[str]:
     args = ["bwrap", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
-            "--die-with-parent", "--new-session", "--hostname", "grading",
+            "--die-with-parent", "--new-session", "--hostname", "grading", "--as-pid-1",
             "--ro-bind", "/usr", "/usr", "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
             "--symlink", "usr/bin", "/bin", "--symlink", "usr/sbin", "/sbin",
             "--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache", "--ro-bind-try", "/etc/alternatives",
             "/etc/alternatives", "--ro-bind-try", "/etc/localtime", "/etc/localtime",
             "--ro-bind-try", "/etc/fonts", "/etc/fonts", "--proc", "/proc", "--dev", "/dev",
-            "--perms", "1777", "--tmpfs", "/tmp"]
+            "--perms", "1777", "--size", str(TMP_BYTES), "--tmpfs", "/tmp"]
     for root in _python_roots():
         args += _dirs_to(root) + ["--ro-bind", str(root), str(root)]
     for src, dst in ro_binds:
@@ -134,6 +141,7 @@ def run(argv: list[str], scratch: Path, *, slot: int = 0, ro_binds: list[tuple[P
         "--bounding-set=-all", "--no-new-privs",
         "prlimit", f"--as={limits.memory_bytes}", f"--nproc={limits.processes}", f"--cpu={limits.cpu_seconds}",
         f"--fsize={limits.file_bytes}", "--core=0", "--", *argv]
+    cmd = _in_cgroups(cmd, slot, limits)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**base_env, **(env or {})},
@@ -158,6 +166,27 @@ def run(argv: list[str], scratch: Path, *, slot: int = 0, ro_binds: list[tuple[P
     if code < 0 and -code == signal.SIGXFSZ:
         hit.append(f"it wrote a file larger than the limit of {limits.file_bytes:,} bytes")
     return Result(code, out.data, err.data, time.perf_counter() - start, hit)
+
+
+def _in_cgroups(cmd: list[str], slot: int, limits: Limits) -> list[str]:
+    """``cmd`` started inside the slot's memory and pids cgroups (v1), when the machine has them writable: the
+    whole sandbox, every process and its ``/tmp`` together, stays under ``limits``. Else ``cmd`` as it is (the
+    per-process limits of ``prlimit`` still hold)."""
+    procs = []
+    for controller, settings in (("memory", {"memory.limit_in_bytes": limits.sandbox_memory_bytes}),
+                                 ("pids", {"pids.max": limits.processes})):
+        group = CGROUPS / controller / f"peftlab-grading-slot{slot}"
+        try:
+            group.mkdir(exist_ok=True)
+            for name, value in settings.items():
+                (group / name).write_text(str(value))
+        except OSError:
+            continue
+        procs.append(str(group / "cgroup.procs"))
+    if not procs:
+        return cmd
+    join = " && ".join(f'echo $$ > "{p}"' for p in procs)
+    return ["/bin/sh", "-c", f'{join} && exec "$@"', "sh", *cmd]
 
 
 def _feed(pipe, data: bytes) -> None:

@@ -10,8 +10,8 @@ Each student hands in all five exercises; the kinds cycle through the class:
 - ``mutant``: the solution with one plausible bug per exercise (the notebook tests' mutant lists: the named
   check must fail);
 - ``untouched``: the release (0 points);
-- ``hostile``: the solution of ex2-ex5 and one attack of ``tests/course/hostile.py`` on ex1 (that exercise must
-  score 0, or the classmates' grades must hold).
+- ``hostile``: every attacker of ``tests/course/hostile.py`` (the issue's table, on ex1 and ex2; their expected
+  points and failing cells are the integrity test's).
 
 The expected score of every notebook is known before grading; the report lists every notebook that missed it.
 The goal of issue #13 is 200 students x 5 notebooks in <= 60 min on 2 cores; the report extrapolates.
@@ -40,12 +40,13 @@ sys.path.insert(0, str(ROOT))
 
 from autograde import cells, pipeline  # noqa: E402
 
-KINDS = ("solution", "alternative", "partial", "mutant", "untouched", "hostile")
+KINDS = ("solution", "alternative", "partial", "mutant", "untouched")
 
 
 def _module(path: Path, name: str):
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
@@ -112,20 +113,18 @@ def build_class(out: Path, n: int, seed: int = 0) -> dict[tuple[str, str], dict]
     rng = random.Random(seed)
     names = pipeline.assignments(ROOT)
     alt, muts = alternatives(), mutants()
-    hostile = _module(ROOT / "tests" / "course" / "hostile.py", "_hostile") \
-        if (ROOT / "tests" / "course" / "hostile.py").exists() else None
-    attacks = [getattr(hostile, a) for a in getattr(hostile, "CLASS_ATTACKS", [])] if hostile else []
     expected = {}
     for i in range(n):
-        kind = KINDS[i % len(KINDS)] if (KINDS[i % len(KINDS)] != "hostile" or attacks) else "mutant"
+        kind = KINDS[i % len(KINDS)]
         student = f"s{i:03d}-{kind}"
         for a in names:
-            sample = lambda who: nbformat.read(ROOT / "autograde" / "examples" / who / a / f"{a}.ipynb",  # noqa: E731
-                                               as_version=4)
+            def sample(who, a=a):
+                return nbformat.read(ROOT / "autograde" / "examples" / who / a / f"{a}.ipynb", as_version=4)
+
             maxima = sum(cells.graded_cells(cells.read_solution(a)).values())
             points = cells.graded_cells(cells.read_solution(a))
             fail: list[str] = []
-            if kind == "solution" or (kind == "hostile" and a != "ex1_motivation"):
+            if kind == "solution":
                 nb, expect = sample("solution"), maxima
             elif kind == "alternative":
                 nb, expect = with_sources(sample("solution"), alt.get(a, {})), maxima
@@ -137,17 +136,17 @@ def build_class(out: Path, n: int, seed: int = 0) -> dict[tuple[str, str], dict]
                 sol = sample("solution")
                 source = next(c.source for c in sol.cells if c.metadata.get("nbgrader", {}).get("grade_id") == cell)
                 nb, expect, fail = with_sources(sol, {cell: source.replace(old, new)}), None, [check]
-            elif kind == "untouched":
+            else:
                 nb, expect = sample("untouched"), 0
-            else:  # hostile, on ex1
-                attack = attacks[i // len(KINDS) % len(attacks)]
-                nb, expect = attack(sample("solution"), sample("untouched")), 0
-                kind_a = f"hostile:{attack.__name__}"
             dest = out / student / a / f"{a}.ipynb"
             dest.parent.mkdir(parents=True, exist_ok=True)
             nbformat.write(nb, dest)
-            expected[(student, a)] = {"kind": kind_a if kind == "hostile" and a == "ex1_motivation" else kind,
-                                      "expect": expect, "fail": fail}
+            expected[(student, a)] = {"kind": kind, "expect": expect, "fail": fail}
+    hostile = ROOT / "tests" / "course" / "hostile.py"
+    if hostile.exists():
+        for student, exp in _module(hostile, "_hostile").build_class(out).items():
+            expected[(student, exp.assignment)] = {"kind": f"hostile: {exp.attack}", "expect": exp.points,
+                                                   "fail": list(exp.failed)}
     return expected
 
 
