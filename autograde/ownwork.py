@@ -44,7 +44,8 @@ HATCHES = {"importlib", "inspect", "gc", "ctypes", "types", "pickle", "marshal",
            "multiprocessing", "socket", "dill", "cloudpickle", "open", "attrgetter", "methodcaller", "__main__"}
 # Honest uses of a hatch module: printing to stderr, reading the version or the environment, joining paths.
 SAFE_PATHS = ("sys.stdout", "sys.stderr", "sys.version_info", "sys.float_info", "sys.maxsize", "sys.byteorder",
-              "sys.platform", "os.environ", "os.path.join", "os.cpu_count", "os.sep", "os.linesep")
+              "sys.platform", "os.environ", "os.path.join", "os.cpu_count", "os.sep", "os.linesep",
+              "inspect.signature", "inspect.Parameter", "inspect.isclass", "inspect.isfunction")
 HATCH_PATHS = ("torch.hub", "torch.load", "torch.package", "torch.utils.cpp_extension", "io.FileIO")
 DUNDERS = {"__subclasses__", "__globals__", "__code__", "__closure__", "__defaults__", "__kwdefaults__", "__dict__",
            "__mro__", "__bases__", "__base__", "__self__", "__func__", "__wrapped__", "__loader__", "__spec__",

@@ -290,3 +290,12 @@ def test_printing_to_stderr_is_own_work_and_reaching_sys_modules_is_not():
     found = ownwork.check(setup, cells, [OwnWork(("f", "g", "h"))])
     assert found["f"] is None
     assert "sys.modules" in found["g"] and found["h"] is not None
+
+
+def test_reading_a_signature_is_own_work_and_reading_source_is_not():
+    """``inspect.signature`` (which cache keyword a model takes) is honest; ``inspect.getsource`` is not."""
+    setup = "import peftlab"
+    cells = [("c", "import inspect\ndef f(m):\n    return 'cache' in inspect.signature(m.forward).parameters\n"),
+             ("d", "import inspect\ndef g(m):\n    return inspect.getsource(m)\n")]
+    found = ownwork.check(setup, cells, [OwnWork(("f", "g"))])
+    assert found["f"] is None and "inspect.getsource" in found["g"]
