@@ -35,16 +35,13 @@ from pathlib import Path
 import nbformat
 
 from autograde import sandbox
+from autograde.cells import nbgrader_meta as _meta
 
 KERNEL_LIMITS = sandbox.Limits(wall_seconds=900, file_bytes=64 * 2**20)  # an executed notebook is read up to this
 CELL_TEXT_BYTES = 64 * 1024  # what the feedback keeps of one cell's text outputs
 NOTEBOOK_OUTPUT_BYTES = 2 * 2**20  # and of a whole notebook's outputs (images included)
 IMAGE_BYTES = 512 * 1024
 PUBLIC_DATA = ("peftlab", "reports", "benchmarks")  # what of the repository the kernel sees (read-only)
-
-
-def _meta(cell) -> dict:
-    return cell.metadata.get("nbgrader", {})
 
 
 def grade_ids(nb) -> set[str]:

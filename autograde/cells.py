@@ -61,8 +61,12 @@ def read_solution(name: str, root: Path | None = None):
     return nbformat.read(path, as_version=4)
 
 
-def _meta(cell) -> dict:
+def nbgrader_meta(cell) -> dict:
+    """A cell's nbgrader metadata (``{}`` for an ordinary cell)."""
     return cell.metadata.get("nbgrader", {})
+
+
+_meta = nbgrader_meta
 
 
 def cell_name(cell) -> str:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 import nbformat
 
 from autograde import sandbox
+from autograde.cells import nbgrader_meta as _meta
 from autograde.cells import student_source
 from autograde.observe import TOLERANCES, compare, decode, encode, load
 from autograde.plan import Call, OwnWork, notebook_plan
@@ -41,10 +41,6 @@ RESTARTS = 3
 class CellVerdict:
     passed: bool
     reasons: list[str] = field(default_factory=list)  # for the feedback: what failed, never the expected values
-
-
-def _meta(cell) -> dict:
-    return cell.metadata.get("nbgrader", {})
 
 
 def setup_source(release_nb) -> str:
@@ -273,7 +269,3 @@ def _read_records(path: Path, limit: int = 64 * 2**20) -> list[dict]:
             if isinstance(rec, dict):
                 records.append(rec)
     return records
-
-
-def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

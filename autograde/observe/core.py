@@ -71,9 +71,14 @@ def generator(salt: int, *keys) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
+def seed(salt: int, *keys) -> int:
+    """The integer seed of :func:`generator` (for ``build_model(..., seed=)`` and ``torch.manual_seed``)."""
+    return int(generator(salt, *keys).initial_seed())
+
+
 def seed_everything(salt: int, *keys) -> None:
     """Seed torch's global generator from ``salt`` and ``keys``: for code that draws from it (``nn.Linear(...)``)."""
-    torch.manual_seed(int(generator(salt, *keys).initial_seed()))
+    torch.manual_seed(seed(salt, *keys))
 
 
 def attempt(fn: Callable, *args, **kwargs):

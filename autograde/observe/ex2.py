@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .core import arch_config, build_model, generator, observes, seed_everything
+from .core import arch_config, build_model, generator, observes, seed, seed_everything
 from .ex1 import number
 
 LORA = ("lora_A", "lora_B")
@@ -26,7 +26,7 @@ def _tiny(name: str, salt: int) -> nn.Module:
     """peftlab.checks.core.tiny_model: a random 3-label classifier of ``name``, its weights drawn from the salt."""
     config = arch_config(name)
     config.pad_token_id = 0  # Llama has none; sequence classification needs one to find the last token
-    return build_model(config, "classification", num_labels=3, seed=generator(salt, "tiny", name).initial_seed())
+    return build_model(config, "classification", num_labels=3, seed=seed(salt, "tiny", name))
 
 
 def _ids(salt: int, *keys, shape: tuple[int, int]) -> torch.Tensor:

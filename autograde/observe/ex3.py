@@ -17,10 +17,6 @@ from torch import nn
 from . import core
 
 
-def _seed(salt: int, *keys) -> int:
-    return int(core.generator(salt, *keys).initial_seed())
-
-
 def _fill(module: nn.Module, salt: int, *keys, std: float = 0.2) -> list[str]:
     """Set every floating tensor of ``module.state_dict()`` to N(0, std^2) values seeded by its key (a LayerNorm's
     weight around 1), as the checker's ``randomize``; return the sorted keys (the checker compares them)."""
@@ -91,7 +87,7 @@ def adapter_forward(cls: type, d: int = 32, m: int = 4, non_linearity: str = "re
 def _bert(name: str, dtype: torch.dtype, salt: int, **overrides) -> nn.Module:
     """The checker's ``bert_model``: a random BERT classifier (3 labels), weights seeded by the salt."""
     config = core.arch_config(name, **overrides)
-    return core.build_model(config, "classification", dtype, num_labels=3, seed=_seed(salt, "bert", name))
+    return core.build_model(config, "classification", dtype, num_labels=3, seed=core.seed(salt, "bert", name))
 
 
 def _token_ids(model: nn.Module, salt: int, purpose: str) -> dict:

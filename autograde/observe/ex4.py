@@ -17,10 +17,6 @@ from torch import nn
 from . import core
 
 
-def _seed(salt: int, *keys) -> int:
-    return int(core.generator(salt, *keys).initial_seed())
-
-
 def _randn(shape, salt: int, *keys, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     return torch.randn(tuple(shape), generator=core.generator(salt, *keys), dtype=torch.float64).to(dtype)
 
@@ -33,7 +29,7 @@ def _model(name: str, salt: int, dtype: torch.dtype = torch.float32, device: str
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # tiny-gpt2 keeps GPT-2's bos/eos id outside its vocabulary: a harmless warning
     try:
-        return core.build_model(name, task, dtype, num_labels=3, seed=_seed(salt, "model", name), device=device)
+        return core.build_model(name, task, dtype, num_labels=3, seed=core.seed(salt, "model", name), device=device)
     finally:
         logging.set_verbosity(verbosity)
 
