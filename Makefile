@@ -30,7 +30,7 @@ export PEFTLAB_TORCH_PIN := $(TORCH_PIN)
 # What pytest collects besides tests/: the doctests (autograde's other modules are nbgrader's config and main).
 DOCTESTED := peftlab autograde/cells.py autograde/preprocessors.py autograde/pipeline.py autograde/plan.py \
 	autograde/observe autograde/ownwork.py autograde/similarity.py autograde/bundle.py autograde/verdicts.py \
-	autograde/batch.py autograde/sandbox.py
+	autograde/batch.py autograde/sandbox.py autograde/kernel_run.py
 
 # Each part writes its results as soon as it finishes.
 course: venv sandbox release

@@ -8,7 +8,7 @@ id once, a corrupt file is "not readable". Every student folder gets one row per
 :func:`run_students` then grades the students in parallel (``jobs`` at a time, one sandbox slot each). For one
 student, in the trusted grader's process:
 
-1. the feedback run: their notebooks, locked cells as released, in a sandboxed kernel (:mod:`autograde.kernel_run`);
+1. the feedback run: their notebooks, locked cells as released, in the sandbox (:mod:`autograde.kernel_run`);
 2. the verdicts: own work and the trusted re-run (:mod:`autograde.verdicts`);
 3. one result file per assignment in ``.grading/results/`` (outputs, verdicts, notes), written by this process.
 

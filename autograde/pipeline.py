@@ -416,10 +416,14 @@ def grade(submissions: Path, course: Path | None = None, root: Path | None = Non
         if code1 != 0:
             status[(student, name)].append("not recorded: nbgrader failed on this notebook: " +
                                            " | ".join(line for line in log1.splitlines() if "ERROR" in line)[-300:])
-    for name in sorted({n for ns in students.values() for n in ns}):
-        code, log = _nbgrader(["generate_feedback", name, "--force"], course)
-        if code != 0:
-            print(f"ERROR generate_feedback {name}:\n{log[-2000:]}")
+    from concurrent.futures import ThreadPoolExecutor  # feedback only reads the gradebook: one process per assignment
+
+    names = sorted({n for ns in students.values() for n in ns})
+    with ThreadPoolExecutor(max_workers=max(jobs or 1, 1)) as pool:
+        logs = pool.map(lambda n: _nbgrader(["generate_feedback", n, "--force"], course), names)
+        for name, (code, log) in zip(names, logs, strict=True):
+            if code != 0:
+                print(f"ERROR generate_feedback {name}:\n{log[-2000:]}")
     code, log = _nbgrader(["export", "--to", "grades.csv"], course)
     if code != 0:
         print(f"ERROR nbgrader export:\n{log[-2000:]}")
