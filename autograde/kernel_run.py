@@ -247,9 +247,8 @@ def _note(cell, text: str) -> None:
     cell.outputs = list(cell.get("outputs", [])) + [new_output("stream", name="stdout", text=f"[grader] {text}\n")]
 
 
-def run_notebook(path_in: str, path_out: str, timeout: int) -> None:
-    """Fork a child for one notebook, watch its heartbeat, and note a death or a hang in ``path_out``."""
-    nb = nbformat.read(path_in, as_version=4)
+def run_notebook(nb, path_in: str, path_out: str, timeout: int) -> None:
+    """Fork a child for ``nb`` (read from ``path_in``), watch its heartbeat, note a death or a hang in ``path_out``."""
     read_end, write_end = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -315,16 +314,17 @@ def _finish(nb, path_in: str, path_out: str, running: int | None, why: str) -> N
 def main(argv: list[str]) -> int:
     timeout, pairs = int(argv[0]), argv[1:]
     notebooks = list(zip(pairs[::2], pairs[1::2], strict=True))
-    modules: list[str] = []
+    read = {}
     for path_in, _ in notebooks:
         try:
-            modules += setup_modules(nbformat.read(path_in, as_version=4))
-        except Exception:  # noqa: BLE001 - run_notebook reports an unreadable notebook
-            pass
-    warm_up(list(dict.fromkeys(modules)))
+            read[path_in] = nbformat.read(path_in, as_version=4)
+        except Exception as e:  # noqa: BLE001 - one unreadable notebook must not stop the others
+            print(f"kernel_run: {path_in}: {type(e).__name__}: {e}", file=sys.stderr)
+    warm_up(list(dict.fromkeys(m for nb in read.values() for m in setup_modules(nb))))
     for path_in, path_out in notebooks:
         try:
-            run_notebook(path_in, path_out, timeout)
+            if path_in in read:
+                run_notebook(read[path_in], path_in, path_out, timeout)
         except Exception as e:  # noqa: BLE001 - one notebook's failure must not stop the next
             print(f"kernel_run: {path_in}: {type(e).__name__}: {e}", file=sys.stderr)
     return 0

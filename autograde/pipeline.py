@@ -32,6 +32,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import nbformat
@@ -416,8 +417,7 @@ def grade(submissions: Path, course: Path | None = None, root: Path | None = Non
         if code1 != 0:
             status[(student, name)].append("not recorded: nbgrader failed on this notebook: " +
                                            " | ".join(line for line in log1.splitlines() if "ERROR" in line)[-300:])
-    from concurrent.futures import ThreadPoolExecutor  # feedback only reads the gradebook: one process per assignment
-
+    # generate_feedback only reads the gradebook: one process per assignment, jobs at a time
     names = sorted({n for ns in students.values() for n in ns})
     with ThreadPoolExecutor(max_workers=max(jobs or 1, 1)) as pool:
         logs = pool.map(lambda n: _nbgrader(["generate_feedback", n, "--force"], course), names)
