@@ -4,6 +4,9 @@
 (instruction tuning, the memory measurements, the tests' short runs); the loss is the model's own
 (``model(**batch).loss``, HF's cross-entropy over ``labels``).
 
+With ``log_dir`` the run's figures also go to TensorBoard event files there (``train/loss`` per step, then
+``eval/accuracy``, ``train/seconds_per_step``, ``memory/peak_mb``): ``tensorboard --logdir <log_dir>``.
+
 Peak memory: ``torch.cuda.max_memory_allocated`` on a GPU; on the CPU the process's peak resident
 set size (``ru_maxrss``: weights, activations, optimizer states, the Python interpreter and its
 libraries). Peak RSS only ever rises within a process, so runs to be compared each go in their own
@@ -119,13 +122,14 @@ def train(model: nn.Module, train_loader: Iterable[dict], eval_loader: DataLoade
           lr: float = 5e-4, weight_decay: float = 0.0, seed: int | None = 0, evaluate_before: bool = False,
           desc: str = "train", progress: bool = True,
           optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
-          after_step: Callable[[int], None] | None = None) -> TrainResult:
+          after_step: Callable[[int], None] | None = None, log_dir: str | os.PathLike | None = None) -> TrainResult:
     """Train the parameters that require grad for ``steps`` steps of ``model(**batch).loss``; a :class:`TrainResult`.
 
     ``train_loader`` is any iterable of batches (dicts of model inputs with ``labels`` or ``label``): a DataLoader
     is cycled, a generator may be endless. ``optimizer(params)`` builds the optimizer (default AdamW with ``lr``
     and ``weight_decay``); ``seed`` seeds torch first (None: leave the generator as it is); ``after_step(step)``
-    runs after every optimizer step. ``accuracy`` is measured on ``eval_loader`` after training.
+    runs after every optimizer step. ``accuracy`` is measured on ``eval_loader`` after training. ``log_dir``:
+    write the figures as TensorBoard events there too (:func:`tensorboard_writer`).
 
     >>> from peftlab.models import build_from_config
     >>> model = build_from_config("tiny-llama")
@@ -144,6 +148,7 @@ def train(model: nn.Module, train_loader: Iterable[dict], eval_loader: DataLoade
     result = TrainResult(trainable=trainable, total=total)
     if evaluate_before and eval_loader is not None:
         result.accuracy_before = evaluate(model, eval_loader, device)
+    writer = tensorboard_writer(log_dir) if log_dir is not None else None
     opt = optimizer(params) if optimizer else torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     model.train()
     batches = iter(train_loader)
@@ -164,14 +169,39 @@ def train(model: nn.Module, train_loader: Iterable[dict], eval_loader: DataLoade
         opt.zero_grad(set_to_none=True)
         result.losses.append(value)
         bar.set_postfix(loss=f"{value:.3f}")
+        if writer is not None:
+            writer.add_scalar("train/loss", value, step + 1)
         if after_step is not None:
             after_step(step)
     result.seconds_per_step = (time.perf_counter() - start) / max(steps, 1)
     result.peak_memory_bytes = peak_memory_bytes(device)
     if eval_loader is not None:
         result.accuracy = evaluate(model, eval_loader, device)
+    if writer is not None:
+        log_result(writer, result, steps)
+        writer.close()
     model.eval()
     return result
+
+
+def tensorboard_writer(log_dir: str | os.PathLike):
+    """A ``torch.utils.tensorboard.SummaryWriter`` on ``log_dir`` (needs the ``tensorboard`` package)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:  # torch imports tensorboard lazily: say which package is missing
+        raise ImportError(f"TensorBoard logs need the tensorboard package (pip install 'peftlab[train]'): {e}") \
+            from None
+    return SummaryWriter(log_dir=str(log_dir))
+
+
+def log_result(writer, result: TrainResult, step: int) -> None:
+    """The figures of a finished run, at its last ``step``: accuracy (before, after), time per step, peak memory."""
+    if result.accuracy_before is not None:
+        writer.add_scalar("eval/accuracy", result.accuracy_before, 0)
+    if result.accuracy is not None:
+        writer.add_scalar("eval/accuracy", result.accuracy, step)
+    writer.add_scalar("train/seconds_per_step", result.seconds_per_step, step)
+    writer.add_scalar("memory/peak_mb", result.peak_memory_bytes / 2**20, step)
 
 
 def run_isolated(target: str, timeout: float | None = None, **kwargs) -> dict:

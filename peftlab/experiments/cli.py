@@ -34,7 +34,7 @@ def add_compare_arguments(p: argparse.ArgumentParser, methods: str = "full,lora"
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from .comparison import check_method, compare, summary_lines
+    from .comparison import check_method, compare, runs_dir, summary_lines
 
     methods = list(COMPARED) if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
     for method in methods:
@@ -44,6 +44,7 @@ def run_compare(args: argparse.Namespace) -> int:
     rows = compare(methods, out_dir=args.out, name=name, batch_size=args.batch_size, **sizes)
     print("\n".join(summary_lines(rows)))
     print(f"wrote {args.out}/{name}.(json|csv|md|png)")
+    print(f"TensorBoard: tensorboard --logdir {runs_dir(args.out, name)}")
     return 0
 
 

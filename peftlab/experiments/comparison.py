@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -74,11 +75,12 @@ def apply_method(method: str, model: nn.Module, tokenizer=None, **method_kwargs)
 
 def finetune(method: str = "lora", steps: int = 200, limit: int | None = 2000, eval_limit: int = 500,
              batch_size: int = 16, lr: float | None = None, seed: int = 0, max_length: int = 64,
-             progress: bool = True, **method_kwargs) -> dict:
+             progress: bool = True, log_dir: str | None = None, **method_kwargs) -> dict:
     """Fine-tune MiniLM-L6 on tweet sentiment with ``method``; return a dict of figures.
 
     ``limit`` caps the training split (stratified), ``eval_limit`` the validation split; ``lr`` defaults
-    to the method's (:data:`METHODS`); ``method_kwargs`` go to the method (e.g. ``r=`` for LoRA).
+    to the method's (:data:`METHODS`); ``method_kwargs`` go to the method (e.g. ``r=`` for LoRA). ``log_dir``:
+    TensorBoard event files of the run there too.
     """
     check_method(method, **method_kwargs)
     from ..data import load_tweets, tokenize
@@ -100,7 +102,7 @@ def finetune(method: str = "lora", steps: int = 200, limit: int | None = 2000, e
     eval_loader = make_loader(tokenize(eval_ds, tokenizer, max_length), tokenizer, 64, shuffle=False)
     lr = lr or METHODS[method].lr
     result = train(model, train_loader, eval_loader, steps=steps, lr=lr, seed=seed, evaluate_before=True,
-                   desc=method, progress=progress)
+                   desc=method, progress=progress, log_dir=log_dir)
     with tempfile.TemporaryDirectory() as tmp:
         saved_bytes = save(model, tmp)
     out = result.to_dict()
@@ -115,6 +117,9 @@ def compare(methods: list[str], out_dir: str | os.PathLike = "reports", name: st
             keep_going: bool = True, **kwargs) -> list[dict]:
     """Run ``finetune`` for each method in its own subprocess; write ``<name>.json/.csv/.md/.png``.
 
+    Each run also writes TensorBoard event files to :func:`runs_dir` ``/<method>/`` (``tensorboard --logdir``
+    on :func:`runs_dir` shows the methods side by side).
+
     The report is rewritten after every method, so a run cut short keeps what it measured. With
     ``keep_going`` a method that fails is reported (a warning) and left out instead of stopping the rest.
     """
@@ -125,9 +130,10 @@ def compare(methods: list[str], out_dir: str | os.PathLike = "reports", name: st
     rows = []
     for method in (bar := tqdm(methods, desc="methods")):
         bar.set_postfix(method=method)
+        shutil.rmtree(runs_dir(out_dir, name) / method, ignore_errors=True)  # a rerun replaces, not appends
         try:
             rows.append(run_isolated("peftlab.experiments.comparison:finetune", method=method, progress=False,
-                                     **kwargs))
+                                     log_dir=str(runs_dir(out_dir, name) / method), **kwargs))
         except RuntimeError as e:
             if not keep_going:
                 raise
@@ -137,6 +143,15 @@ def compare(methods: list[str], out_dir: str | os.PathLike = "reports", name: st
     if not rows:
         raise RuntimeError(f"none of {methods} ran")
     return rows
+
+
+def runs_dir(out_dir: str | os.PathLike, name: str) -> Path:
+    """Where ``compare`` writes the TensorBoard runs of the report ``name``: ``<out_dir>/runs/<name>``.
+
+    >>> str(runs_dir("reports", "lora_vs_full"))
+    'reports/runs/lora_vs_full'
+    """
+    return Path(out_dir) / "runs" / name
 
 
 # --- the report ----------------------------------------------------------------------------------
