@@ -12,8 +12,9 @@ student, in the trusted grader's process:
 2. the verdicts: own work and the trusted re-run (:mod:`autograde.verdicts`);
 3. one result file per assignment in ``.grading/results/`` (outputs, verdicts, notes), written by this process.
 
-Nothing is written to the gradebook here. Afterwards one ``nbgrader autograde`` (a single writer) records the
-results through :class:`autograde.preprocessors.ApplyRun`, and ``generate_feedback`` renders them.
+The sandboxed code never writes the gradebook: one :class:`GradebookWriter` thread (a single writer) records finished
+students with ``nbgrader autograde`` through :class:`autograde.preprocessors.ApplyRun` while the next students run;
+afterwards ``generate_feedback`` renders them.
 A tripwire checks, after every student, that no other student's submission and no grading state changed.
 """
 
@@ -255,9 +256,9 @@ def feedback_run(student: str, notebooks: dict[str, Path], releases: dict, root:
 
 # --- the class, in parallel --------------------------------------------------------------------------------------
 def _signature(course: Path, skip: str | None = None) -> dict[str, tuple]:
-    """A cheap fingerprint (size, mtime, inode) of every submission except ``skip``'s and of the gradebook."""
+    """A cheap fingerprint (size, mtime, inode) of every submission except ``skip``'s (the gradebook: the writer's)."""
     sig = {}
-    for p in [course / "gradebook.db", *sorted((course / "submitted").rglob("*"))]:
+    for p in sorted((course / "submitted").rglob("*")):
         if p.is_file() and not (skip and p.is_relative_to(course / "submitted" / skip)):
             st = p.stat()
             sig[str(p)] = (st.st_size, st.st_mtime_ns, st.st_ino)
@@ -265,8 +266,9 @@ def _signature(course: Path, skip: str | None = None) -> dict[str, tuple]:
 
 
 def content_digest(course: Path) -> str:
+    """The submissions' content (the gradebook has its own check: :class:`GradebookWriter`)."""
     digest = hashlib.sha256()
-    for p in [course / "gradebook.db", *sorted((course / "submitted").rglob("*"))]:
+    for p in sorted((course / "submitted").rglob("*")):
         if p.is_file():
             digest.update(p.relative_to(course).as_posix().encode() + b"\0" + p.read_bytes())
     return digest.hexdigest()
@@ -276,9 +278,76 @@ class IntegrityError(RuntimeError):
     pass
 
 
+def _file_digest(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+
+
+class GradebookWriter:
+    """The one writer of ``gradebook.db``, beside the sandboxed runs: records finished students in batches.
+
+    ``record(students)`` (one ``nbgrader autograde`` for those students, :func:`autograde.pipeline.grade`) runs in
+    this thread, one call at a time, as soon as ``min_batch`` students are done (the rest at :meth:`close`): the
+    gradebook's writing overlaps the next students' runs instead of waiting for the last one. Before each write
+    and at :meth:`close` the database must hold exactly what the last write left (a digest of its bytes): a
+    change by anyone else voids the batch. ``record=None`` writes nothing (the same check, with no writes).
+    """
+
+    def __init__(self, course: Path, record=None, min_batch: int = 8):
+        self.path, self.record, self.min_batch = course / "gradebook.db", record, max(min_batch, 1)
+        self.expected = _file_digest(self.path)
+        self.queue: queue.Queue[str | None] = queue.Queue()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="gradebook-writer", daemon=True)
+        self.thread.start()
+
+    def _check(self) -> None:
+        if _file_digest(self.path) != self.expected:
+            raise IntegrityError(f"{self.path.name} changed outside the grader's writer: the batch is void")
+
+    def add(self, student: str) -> None:
+        self.queue.put(student)
+
+    def _loop(self) -> None:
+        pending: list[str] = []
+        done = False
+        while not done:
+            item = self.queue.get()
+            while True:  # everything finished meanwhile joins this batch
+                if item is None:
+                    done = True
+                else:
+                    pending.append(item)
+                try:
+                    item = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+            if pending and (done or len(pending) >= self.min_batch) and self.error is None:
+                try:
+                    self._check()
+                    if self.record is not None:
+                        self.record(sorted(pending))
+                    self.expected = _file_digest(self.path)
+                except BaseException as e:  # noqa: BLE001 - reported by close(), in the grader's thread
+                    self.error = e
+                pending = []
+
+    def close(self) -> None:
+        """Record what is left, wait for the writer, and check the gradebook once more; raise what went wrong."""
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        self._check()
+
+
 def run_students(course: Path, root: Path, verdicts, students: dict[str, dict[str, Path]], jobs: int,
-                 cell_timeout: int, similarity=None, experiments: bool = False) -> dict[tuple[str, str], dict]:
-    """Grade ``{student: {assignment: submitted notebook}}``, ``jobs`` students at a time; write the result files."""
+                 cell_timeout: int, similarity=None, experiments: bool = False,
+                 record=None) -> dict[tuple[str, str], dict]:
+    """Grade ``{student: {assignment: submitted notebook}}``, ``jobs`` students at a time; write the result files.
+
+    ``record(students)``, if given, is called by the one :class:`GradebookWriter` with the students whose result
+    files are complete, while the others are still being run.
+    """
     from tqdm.auto import tqdm
 
     out_dir = course / ".grading" / "results"
@@ -289,6 +358,7 @@ def run_students(course: Path, root: Path, verdicts, students: dict[str, dict[st
         slots.put(i)
     lock = threading.Lock()
     before = content_digest(course)
+    writer = GradebookWriter(course, record, min_batch=4 * max(jobs, 1))
     summary: dict[tuple[str, str], dict] = {}
 
     def one(student: str) -> None:
@@ -319,13 +389,17 @@ def run_students(course: Path, root: Path, verdicts, students: dict[str, dict[st
             changed += sorted(set(others) - set(_signature(course, skip=student)))
             if changed:
                 raise IntegrityError(f"while {student} was graded, other files changed: {changed[:5]}")
+            writer.add(student)
         finally:
             slots.put(slot)
 
-    with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:
-        futures = {pool.submit(one, s): s for s in sorted(students)}
-        for fut in tqdm(as_completed(futures), total=len(futures), desc="grading", unit="student"):
-            fut.result()  # an IntegrityError (or a grader bug) stops the batch loudly
+    try:
+        with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:
+            futures = {pool.submit(one, s): s for s in sorted(students)}
+            for fut in tqdm(as_completed(futures), total=len(futures), desc="grading", unit="student"):
+                fut.result()  # an IntegrityError (or a grader bug) stops the batch loudly
+    finally:
+        writer.close()  # the last batch is recorded (or, after an error, the writer stops and says why)
     if content_digest(course) != before:
         raise IntegrityError("the submissions or the gradebook changed during grading: the batch is void")
     return summary

@@ -168,6 +168,27 @@ def _timing(course: Path, expected: dict) -> dict:
         {"students": len(phases["verdicts_s"])}
 
 
+def extrapolate(result: dict, jobs: int, students: int = 200, notebooks: int = 1000) -> dict:
+    """Two estimates for a class of ``students`` x 5 notebooks, from this run's own measurements.
+
+    - ``class_200x5_minutes``: this class as graded (every hostile kind once, each at its real cost: time limits,
+      memory limit, kills) plus the missing students as honest full students, each costing the median
+      full student's sandboxed time divided by the jobs running beside it, plus the gradebook writer's measured
+      seconds per notebook (record, feedback, export run after the sandboxed runs) for the missing notebooks;
+    - ``worst_case_200x5_minutes``: as if every notebook cost this class's average, i.e. the class were as
+      hostile as this one (one student in three an attacker).
+    """
+    full = result["full_students"]
+    per_student = (full["feedback_run_s"] + full["verdicts_s"]) / jobs  # wall seconds, two students at a time
+    phases = result["phases_s"]
+    writer_per_notebook = (phases["record"] + phases["feedback"] + phases["export"]) / result["notebooks"]
+    more_students, more_notebooks = max(students - result["students"], 0), max(notebooks - result["notebooks"], 0)
+    estimate = result["wall_seconds"] + more_students * per_student + more_notebooks * writer_per_notebook
+    return {"honest_student_wall_s": round(per_student, 1), "writer_s_per_notebook": round(writer_per_notebook, 2),
+            "class_200x5_minutes": round(estimate / 60, 1),
+            "worst_case_200x5_minutes": round(result["seconds_per_notebook"] * notebooks / 60, 1)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--students", type=int, default=24)
@@ -202,16 +223,24 @@ def main(argv=None) -> int:
         "seconds_per_student": round(wall / n_students, 1),
         # per notebook, not per student: the hostile students hand in one or two notebooks, not five
         "seconds_per_notebook": round(wall / len(expected), 2),
-        "extrapolated_200x5_minutes": round(wall / len(expected) * 1000 / 60, 1),
         "full_students": _timing(course, expected),
+        "phases_s": json.loads((course / ".grading" / "timing.json").read_text())["seconds"],
+    }
+    result |= extrapolate(result, args.jobs)
+    result |= {
         "kinds": sorted({v["kind"] for v in expected.values()}), "missed": missed,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "grading_class.json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [f"# Grading a synthetic class ({result['date']}, {result['machine']})", "",
              f"{n_students} students x 5 exercises = {len(expected)} notebooks, {args.jobs} at a time: "
-             f"{wall / 60:.1f} min, {result['seconds_per_notebook']} s per notebook; 200 x 5 = 1000 notebooks would "
-             f"take ~{result['extrapolated_200x5_minutes']} min (goal: 60).", "",
+             f"{wall / 60:.1f} min, {result['seconds_per_notebook']} s per notebook.", "",
+             f"**200 students x 5 notebooks: ~{result['class_200x5_minutes']} min (goal: 60)**: this class as graded "
+             f"(every hostile kind once, at its real cost) plus {max(200 - n_students, 0)} more honest students at "
+             f"{result['honest_student_wall_s']} s each (two at a time) and the gradebook writer's "
+             f"{result['writer_s_per_notebook']} s per notebook. If every notebook cost this class's average (one "
+             f"student in three an attacker): ~{result['worst_case_200x5_minutes']} min.", "",
+             "Where the time went (s): " + ", ".join(f"{k} {v}" for k, v in result["phases_s"].items()) + ".", "",
              "A student with all five exercises (median over the class, wall seconds while the other job runs "
              f"beside it): the feedback run {result['full_students']['feedback_run_s']} s, the trusted re-run "
              f"{result['full_students']['verdicts_s']} s.", "",
