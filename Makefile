@@ -36,6 +36,7 @@ DOCTESTED := peftlab autograde/cells.py autograde/preprocessors.py autograde/pip
 course: venv sandbox release
 	@# exercise 2.4: full fine-tuning vs LoRA (exercise 2 reads reports/lora_vs_full.json)
 	$(PY) -m peftlab.experiments compare --methods full,lora --steps 200 --limit 2000 --eval-limit 500 --out reports
+	@echo "TensorBoard logs: reports/runs/ (tensorboard --logdir reports/runs)"
 	@# the reference solutions, executed (grading mode off: the experiments run in full)
 	$(VENV)/bin/pytest -q -p no:cacheprovider --nbval-lax solutions/
 	$(PY) -m autograde grade autograde/examples
@@ -108,7 +109,7 @@ lint: venv
 	$(VENV)/bin/ruff check $(wildcard peftlab tests benchmarks autograde requirements)
 
 unit: venv
-	$(VENV)/bin/pytest -q -m "not gpu" tests $(DOCTESTED)
+	$(VENV)/bin/pytest -q --durations=25 -m "not gpu" tests $(DOCTESTED)
 
 # On a CUDA machine (see README, "GPU"): the tests marked gpu.
 test-gpu: venv
