@@ -15,7 +15,8 @@ student, in the trusted grader's process:
 The sandboxed code never writes the gradebook: one :class:`GradebookWriter` thread (a single writer) records finished
 students with ``nbgrader autograde`` through :class:`autograde.preprocessors.ApplyRun` while the next students run;
 afterwards ``generate_feedback`` renders them.
-A tripwire checks, after every student, that no other student's submission and no grading state changed.
+A tripwire checks, after every student, that no other student's submission changed; the writer checks, before
+every write, that nothing but itself changed the gradebook.
 """
 
 from __future__ import annotations
@@ -401,5 +402,5 @@ def run_students(course: Path, root: Path, verdicts, students: dict[str, dict[st
     finally:
         writer.close()  # the last batch is recorded (or, after an error, the writer stops and says why)
     if content_digest(course) != before:
-        raise IntegrityError("the submissions or the gradebook changed during grading: the batch is void")
+        raise IntegrityError("the submissions changed during grading: the batch is void")
     return summary

@@ -410,11 +410,11 @@ def grade(submissions: Path, course: Path | None = None, root: Path | None = Non
 
     # nbgrader selects students by one id or by exclusion (a comma-separated list): plain ids can be recorded in
     # batches beside the runs; any other id makes the one writer wait and record everyone after the runs.
-    plain = all(re.fullmatch(r"[A-Za-z0-9_.@+-]+", p.name) for p in (course / "submitted").iterdir())
+    staged = {p.name for p in (course / "submitted").iterdir()}  # every student folder stage() wrote
+    plain = all(re.fullmatch(r"[A-Za-z0-9_.@+-]+", s) for s in staged)
 
     def record(batch_students: list[str]) -> None:
-        staged = {p.name for p in (course / "submitted").iterdir() if p.is_dir()}
-        others = ",".join(sorted((staged | set(students)) - set(batch_students)))
+        others = ",".join(sorted(staged - set(batch_students)))
         _nbgrader(["autograde", "*", "--force", f"--CourseDirectory.student_id_exclude={others}"], course,
                   notebook_timeout * len(batch_students))
 
