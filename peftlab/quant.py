@@ -98,6 +98,8 @@ class MatMul4bit(torch.autograd.Function):
                 compute_dtype: torch.dtype) -> torch.Tensor:
         ctx.state, ctx.compute_dtype = state, compute_dtype
         ctx.save_for_backward(packed)
+        if kernels.use_gemv(x, state):  # a few tokens: the fused GEMV, the dense weight never exists
+            return kernels.gemv_4bit(x, packed, state, bias)
         w = kernels.dequantize_4bit(packed, state).to(compute_dtype)  # (out, in): freed when forward returns
         return F.linear(x, w, bias)
 
@@ -141,8 +143,8 @@ class Linear4bit(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: QuantConfig | None = None) -> Linear4bit:
         config = config or QuantConfig()
-        packed, state = quantize_4bit(linear.weight.detach(), config.blocksize, config.double_quant,
-                                      config.quant_type)
+        packed, state = kernels.quantize_4bit(linear.weight.detach(), config.blocksize, config.double_quant,
+                                              config.quant_type)  # Triton on CUDA: the same bytes
         return cls(packed, state, linear.bias, config.compute_dtype)
 
     def set_quantized(self, packed: torch.Tensor, state: QuantState) -> None:
@@ -176,7 +178,11 @@ class Linear4bit(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # MatMul4bit, not F.linear on self.dequantize(): autograd would keep that dense weight until backward.
         bias = self.bias.to(self.compute_dtype) if self.bias is not None else None
-        return MatMul4bit.apply(x.to(self.compute_dtype), self.weight, bias, self.state, self.compute_dtype).to(x.dtype)
+        state, xc = self.state, x.to(self.compute_dtype)
+        if not (torch.is_grad_enabled() and (xc.requires_grad or bias is not None and bias.requires_grad)) \
+                and kernels.use_gemv(xc, state):  # generation: the fused GEMV, no autograd node
+            return kernels.gemv_4bit(xc, self.weight, state, bias).to(x.dtype)
+        return MatMul4bit.apply(xc, self.weight, bias, state, self.compute_dtype).to(x.dtype)
 
     def merge_delta(self, delta: torch.Tensor) -> torch.Tensor:
         """Add ``delta`` (out, in) into the 4-bit weight: dequantize, add, requantize (in place).

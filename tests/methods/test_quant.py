@@ -13,7 +13,16 @@ from peftlab.models import build_from_config
 warnings.filterwarnings("ignore", message=".*bitsandbytes.*")
 BF = pytest.importorskip("bitsandbytes.functional")
 import bitsandbytes as bnb  # noqa: E402
-from upstream import BNB_AVX512_KERNEL, bnb_cpu_dequantize_misindexes, bnb_native_library, cpu_has_avx512f, version  # noqa: E402
+from upstream import (  # noqa: E402
+    BNB_AVX512_KERNEL,
+    bnb_cpu_dequantize_misindexes,
+    bnb_cpu_fp16_dequantize_misrounds,
+    bnb_native_library,
+    cpu_has_avx512f,
+    version,
+)
+
+BNB_FP16_MISROUNDS = bnb_cpu_fp16_dequantize_misrounds()
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(64, 64), (33, 17), (1, 5), (7,), (3, 5, 7), (300, 257)]  # odd sizes and partial blocks
@@ -38,6 +47,14 @@ def by_definition(packed: torch.Tensor, state) -> torch.Tensor:
         absmax = s2.code[absmax.long()] * s2.absmax.repeat_interleave(s2.blocksize)[: absmax.numel()] + state.offset
     scale = absmax.float().repeat_interleave(state.blocksize)[:n]
     return (state.code[q].float() * scale).to(state.dtype).reshape(state.shape)
+
+
+def assert_within_one_fp16_step(theirs: torch.Tensor, ours: torch.Tensor, tag: str = "") -> None:
+    """Every value of ``theirs`` is ``ours`` or one of its two float16 neighbours."""
+    inf = torch.tensor(float("inf"), dtype=torch.float16)
+    up, down = torch.nextafter(ours, inf), torch.nextafter(ours, -inf)
+    ok = (theirs == ours) | (theirs == up) | (theirs == down)
+    assert bool(ok.all()), f"bitsandbytes' float16 values are more than one rounding step off: {tag}"
 
 
 def assert_same_as_bnb(w, blocksize, double_quant, where=""):
@@ -118,6 +135,25 @@ def test_known_fault_bnb_avx512_dequantize_4bit_reads_the_wrong_absmax():
         wrong = not torch.equal(BF.dequantize_4bit(packed, state), by_definition(packed, state))
         assert wrong == bnb_cpu_dequantize_misindexes(w.shape, blocksize), (rows, cols, blocksize, wrong)
         assert torch.equal(Q.dequantize_nf4(*Q.quantize_nf4(w, blocksize)), by_definition(packed, state))
+
+
+@pytest.mark.skipif(not BNB_FP16_MISROUNDS, reason=(
+    f"bitsandbytes {version('bitsandbytes')} ({bnb_native_library() or 'no native library'}) rounds its CPU float16 "
+    f"dequantize to nearest on this machine: the recorded fault is not present"))
+def test_known_fault_bnb_cpu_float16_dequantize_misrounds():
+    """Recorded upstream fault (tests/upstream.py): the float16 output is a neighbour of the nearest value at times.
+
+    peftlab rounds to nearest (equal to bitsandbytes' float32 output cast to float16), bitsandbytes' float16 output
+    differs from it, by one rounding step at most. When bitsandbytes fixes it, this test skips: update upstream.py.
+    """
+    g = torch.Generator().manual_seed(1)
+    w = (torch.randn(256, 128, generator=g) * 0.05).half()
+    packed, state = BF.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    ours = Q.dequantize_nf4(*Q.quantize_nf4(w, 64))
+    assert torch.equal(ours, by_definition(packed, state))
+    theirs = BF.dequantize_4bit(packed, state)
+    assert not torch.equal(theirs, ours)
+    assert_within_one_fp16_step(theirs, ours)
 
 
 def test_the_definition_is_bitsandbytes_where_its_kernel_is_right():
