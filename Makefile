@@ -25,7 +25,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 export PEFTLAB_TORCH_PIN := $(TORCH_PIN)
 
-.PHONY: sandbox course test quick test-gpu test-latest lock venv lint unit nbval release release-check grade-examples reports \
+.PHONY: sandbox browser lab course test quick test-gpu test-latest lock venv lint unit nbval release release-check grade-examples reports \
 	clean-build
 # What pytest collects besides tests/: the doctests (autograde's other modules are nbgrader's config and main).
 DOCTESTED := peftlab autograde/cells.py autograde/preprocessors.py autograde/pipeline.py autograde/plan.py \
@@ -59,7 +59,7 @@ grade-examples: venv sandbox
 nbval: venv
 	PEFTLAB_GRADING=1 $(VENV)/bin/pytest -q -p no:cacheprovider --nbval-lax solutions/
 
-test: venv sandbox lint unit nbval release-check
+test: venv sandbox browser lint unit nbval release-check
 
 # The grader runs every student's code in bubblewrap (autograde/sandbox.py). Installed here where apt can
 # (root on Debian); elsewhere the grading tests skip and say why, and `python -m autograde grade` refuses.
@@ -68,6 +68,19 @@ sandbox:
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; }; } || \
 		echo "bubblewrap is not installed and cannot be installed here: the grading tests will be skipped"
 	@command -v bwrap >/dev/null && echo "sandbox: $$(bwrap --version)" || true
+
+# The JupyterLab browser test (tests/course/test_lab.py) drives Debian's chromium with its chromedriver. Installed
+# here where apt can (root on Debian); elsewhere that test skips and says why.
+browser:
+	@{ command -v chromium >/dev/null && command -v chromedriver >/dev/null; } || { [ "$$(id -u)" = 0 ] && \
+		command -v apt-get >/dev/null && { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }; } || \
+		echo "chromium/chromedriver are not installed and cannot be installed here: the JupyterLab browser test will be skipped"
+	@command -v chromedriver >/dev/null && echo "browser: $$(chromedriver --version | cut -d' ' -f1-2)" || true
+
+# The student release in JupyterLab (Ctrl+C stops it). As root, JupyterLab needs --allow-root.
+lab: venv
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 quick: venv lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider -m "not slow and not gpu" tests $(DOCTESTED)
