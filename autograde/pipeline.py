@@ -38,6 +38,7 @@ from pathlib import Path
 
 import nbformat
 
+from autograde import class_report
 from autograde.cells import student_source
 
 CONFIG_NAME = "nbgrader_config.py"
@@ -470,13 +471,14 @@ def grade(submissions: Path, course: Path | None = None, root: Path | None = Non
                 "; ".join(["not graded", *notes])
         rows.append(row)
     write_scores(rows, course / "scores.csv")
+    report = class_report.write(rows, course, time.perf_counter() - start)
     print(f"\n{'student':>12} {'assignment':>18} {'autograded':>11} {'written':>8}  status")
     for r in rows:
         auto = f"{r.get('autograded', 0):>5g} / {r.get('autograded_max', 0):<3g}" if "autograded" in r else " " * 11
         print(f"{r['student']:>12} {r['assignment']:>18} {auto} {r.get('manual_max', 0):>6g}   {r['status']}")
     print(summary(rows, time.perf_counter() - start, t_record - start, jobs))
     print(f"gradebook {course / 'gradebook.db'}; scores {course / 'grades.csv'} (nbgrader export) and "
-          f"{course / 'scores.csv'}; feedback in {course / 'feedback'}")
+          f"{course / 'scores.csv'}; feedback in {course / 'feedback'}; the class on one page: {report}")
     return rows
 
 
@@ -489,7 +491,7 @@ def summary(rows: list[dict], seconds: float, run_seconds: float, jobs: int) -> 
     kinds = collections.Counter()
     for r in rows:
         for part in r["status"].split("; ")[1:]:
-            kinds[re.sub(r"[\"'].*?[\"']|\[.*?\]|\d+", "…", part)[:70]] += 1
+            kinds[class_report.kind(part)] += 1
         if r.get("review"):
             kinds["flagged for review"] += 1
     bins = collections.Counter()

@@ -333,6 +333,7 @@ def test_autograde_round_trip_with_hostile_submissions(tmp_path, release_check):
     with open(course / "scores.csv") as f:
         rows = {(r["student"], r["assignment"]): r for r in csv.DictReader(f)}
     maxima = {n: sum(cells.graded_cells(solution_nb(n)).values()) for n in ASSIGNMENTS}
+    summary_page = (course / "summary.html").read_text()
     for name in ASSIGNMENTS:
         assert float(rows["solution", name]["autograded"]) == maxima[name], rows["solution", name]
         assert float(rows["untouched", name]["autograded"]) == 0
@@ -340,6 +341,10 @@ def test_autograde_round_trip_with_hostile_submissions(tmp_path, release_check):
         assert float(rows["partial", name]["autograded"]) == maxima[name] - lost
         assert sorted(rows["partial", name]["failed_cells"].split()) == sorted(PARTIAL[name]["failing"])
         assert (course / "feedback" / "solution" / name / f"{name}.html").exists()
+        # the one-page class summary links this feedback and lists the partial submission's lost cells
+        assert f"href='feedback/solution/{name}/{name}.html'" in summary_page
+        for cell in PARTIAL[name]["failing"]:
+            assert f"<td>{name}</td><td>{cell}</td>" in summary_page, (name, cell)
     assert "corrupt/ex1_motivation: ex1_motivation.ipynb: not readable" in log
     assert "not graded: no readable notebook" in rows["corrupt", "ex1_motivation"]["status"], rows["corrupt",
                                                                                                          "ex1_motivation"]
