@@ -77,3 +77,25 @@ def refuse_wrapped(base: nn.Module) -> None:
     """A prefix or prompt wrapper (a module with ``.base`` and ``.disabled``) cannot take a second one."""
     if isinstance(getattr(base, "base", None), nn.Module) and hasattr(base, "disabled"):
         raise ValueError(f"{type(base).__name__} already wraps a model: load into its .base (or a fresh model)")
+
+
+class WrapsBase:
+    """What a model that wraps its base (prefix, prompt and p-tuning) forwards to it, as HF peft's PeftModel does.
+
+    The wrapper keeps its method's config as ``.peft_config``; ``.config`` is the base model's transformers config,
+    which trainers read (TRL's SFTTrainer: ``model.config.model_type``, ``model.add_model_tags``).
+    """
+
+    @property
+    def config(self):
+        return self.base.config
+
+    # The base model's methods that trainers call on the model they are given (transformers.Trainer, TRL).
+    FORWARDED: tuple[str, ...] = ("add_model_tags", "gradient_checkpointing_enable", "gradient_checkpointing_disable",
+                                  "is_gradient_checkpointing", "enable_input_require_grads", "get_input_embeddings",
+                                  "get_output_embeddings", "can_generate", "generation_config", "name_or_path")
+
+    def __getattr__(self, name: str):
+        if name in WrapsBase.FORWARDED:
+            return getattr(self.base, name)
+        return super().__getattr__(name)  # nn.Module's: parameters, buffers, submodules

@@ -33,7 +33,16 @@ import torch
 from torch import nn
 
 from . import files
-from .heads import TASK_TYPES, base_alone, head_tensors, refuse_wrapped, task_type_of, unfreeze_head, with_task_type
+from .heads import (
+    TASK_TYPES,
+    WrapsBase,
+    base_alone,
+    head_tensors,
+    refuse_wrapped,
+    task_type_of,
+    unfreeze_head,
+    with_task_type,
+)
 from .inject import freeze, unchanged_on_error
 from .models import cache_argument, is_checkpointing
 from .validate import one_of, positive_int
@@ -119,7 +128,7 @@ class PrefixEncoder(nn.Module):
         return self.transform(prefix) if self.prefix_projection else prefix  # (P, 2 * L * kv * hd)
 
 
-class PrefixTuningModel(nn.Module):
+class PrefixTuningModel(WrapsBase, nn.Module):
     """A frozen causal LM or sequence classifier whose every attention layer sees a learned prefix.
 
     >>> from peftlab.models import build_from_config
@@ -136,20 +145,20 @@ class PrefixTuningModel(nn.Module):
         super().__init__()
         if isinstance(base, PrefixTuningModel):
             raise ValueError("this model already has a prefix")
-        self.base, self.config = base, with_task_type(config, base)
+        self.base, self.peft_config = base, with_task_type(config, base)
         self.layers, self.kv_heads, self.head_dim = kv_dims(base.config)
         freeze(base)
         self.prefix_encoder = PrefixEncoder(config, self.layers, self.kv_heads, self.head_dim)
         self.prefix_encoder.to(next(base.parameters()).device)
         self.disabled = False  # True inside disable_prefix(): the base runs alone
-        if self.config.task_type == "SEQ_CLS":
+        if self.peft_config.task_type == "SEQ_CLS":
             unfreeze_head(base)
 
     def past_key_values(self, batch_size: int):
         """The prefix as a transformers ``DynamicCache`` holding P positions for every layer."""
         from transformers import DynamicCache
 
-        P, L = self.config.num_virtual_tokens, self.layers
+        P, L = self.peft_config.num_virtual_tokens, self.layers
         dtype = next(self.base.parameters()).dtype
         kv = self.prefix_encoder().to(dtype)  # (P, 2 * L * kv * hd)
         # HF peft's layout: index 2l holds layer l's keys, 2l + 1 its values.
@@ -167,7 +176,7 @@ class PrefixTuningModel(nn.Module):
         if self.training and is_checkpointing(self.base):
             raise ValueError(PREFIX_CHECKPOINTING)
         batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
-        P = self.config.num_virtual_tokens
+        P = self.peft_config.num_virtual_tokens
         if attention_mask is not None:
             # Every real token may attend to all P prefix positions: (B, T) -> (B, P + T).
             attention_mask = torch.cat([attention_mask.new_ones(batch_size, P), attention_mask], dim=1)
@@ -186,8 +195,8 @@ class PrefixTuningModel(nn.Module):
         peft). ``forward()`` numbers every row ``P .. P+T-1`` whatever its padding, as HF peft and a
         plain transformers forward without ``position_ids`` do.
         """
-        if self.config.task_type != "CAUSAL_LM":
-            raise ValueError(f"generate() needs a causal LM, this model is {self.config.task_type}")
+        if self.peft_config.task_type != "CAUSAL_LM":
+            raise ValueError(f"generate() needs a causal LM, this model is {self.peft_config.task_type}")
         if self.disabled:
             return self.base.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         if attention_mask is None:
@@ -197,7 +206,7 @@ class PrefixTuningModel(nn.Module):
         gen = kwargs.get("generation_config") or self.base.generation_config
         rows = input_ids.shape[0] * max(kwargs.get("num_beams") or gen.num_beams or 1,
                                         kwargs.get("num_return_sequences") or gen.num_return_sequences or 1)
-        mask = torch.cat([attention_mask.new_ones(input_ids.shape[0], self.config.num_virtual_tokens),
+        mask = torch.cat([attention_mask.new_ones(input_ids.shape[0], self.peft_config.num_virtual_tokens),
                           attention_mask], dim=1)  # (B, P + T)
         # A mask longer than input_ids tells generate() that the cache already holds those P positions.
         return self.base.generate(input_ids=input_ids, attention_mask=mask,
@@ -236,7 +245,7 @@ def save_prefix(model: PrefixTuningModel, path) -> int:
     With ``prefix_projection`` the file holds the prefix the MLP produces, not the MLP: the
     reparametrisation only helps training (HF peft does the same).
     """
-    cfg, token_dim = model.config, model.kv_heads * model.head_dim
+    cfg, token_dim = model.peft_config, model.kv_heads * model.head_dim
     tensors = {"prompt_embeddings": model.prefix_encoder(), **head_tensors(model.base)}
     return files.write_adapter(path, dict(
         asdict(cfg), peft_type=cfg.peft_type, num_layers=model.layers, num_attention_heads=model.kv_heads,

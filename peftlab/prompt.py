@@ -36,7 +36,16 @@ import torch
 from torch import nn
 
 from . import files
-from .heads import TASK_TYPES, base_alone, head_tensors, refuse_wrapped, task_type_of, unfreeze_head, with_task_type
+from .heads import (
+    TASK_TYPES,
+    WrapsBase,
+    base_alone,
+    head_tensors,
+    refuse_wrapped,
+    task_type_of,
+    unfreeze_head,
+    with_task_type,
+)
 from .inject import freeze, unchanged_on_error
 from .validate import one_of, positive_int
 
@@ -101,7 +110,7 @@ def text_init_ids(tokenizer, text: str, num_virtual_tokens: int) -> list[int]:
     return (ids * math.ceil(num_virtual_tokens / len(ids)))[:num_virtual_tokens]
 
 
-class PromptTuningModel(nn.Module):
+class PromptTuningModel(WrapsBase, nn.Module):
     """A frozen causal LM or sequence classifier that reads P learned virtual tokens before its input.
 
     ``prompt_encoder`` is any module whose ``forward()`` returns the (P, d) virtual tokens:
@@ -120,13 +129,13 @@ class PromptTuningModel(nn.Module):
         super().__init__()
         if isinstance(base, PromptTuningModel):
             raise ValueError("this model already has a soft prompt")
-        self.base, self.config = base, with_task_type(config, base)
+        self.base, self.peft_config = base, with_task_type(config, base)
         freeze(base)
         embed = base.get_input_embeddings()
         self.prompt_encoder = prompt_encoder or self._soft_prompt(config, embed, tokenizer)
         self.prompt_encoder.to(embed.weight.device)
         self.disabled = False  # True inside disable_prompt(): the base runs alone
-        if self.config.task_type == "SEQ_CLS":
+        if self.peft_config.task_type == "SEQ_CLS":
             unfreeze_head(base)
 
     @staticmethod
@@ -154,7 +163,7 @@ class PromptTuningModel(nn.Module):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.base.get_input_embeddings()(input_ids)  # (B, T, d)
-        B, P = inputs_embeds.shape[0], self.config.num_virtual_tokens
+        B, P = inputs_embeds.shape[0], self.peft_config.num_virtual_tokens
         prompts = self.prompt_encoder().to(inputs_embeds.dtype).expand(B, -1, -1)  # (B, P, d)
         out = {"inputs_embeds": torch.cat([prompts, inputs_embeds], dim=1)}  # (B, P + T, d)
         if attention_mask is not None:
@@ -162,7 +171,7 @@ class PromptTuningModel(nn.Module):
         if token_type_ids is not None:  # BERT: the virtual tokens belong to segment 0
             out["token_type_ids"] = torch.cat([token_type_ids.new_zeros(B, P), token_type_ids], dim=1)
         if labels is not None:
-            if self.config.task_type == "CAUSAL_LM":  # -100: no loss where a virtual token is the target
+            if self.peft_config.task_type == "CAUSAL_LM":  # -100: no loss where a virtual token is the target
                 labels = torch.cat([labels.new_full((B, P), -100), labels], dim=1)
             out["labels"] = labels
         return out
@@ -187,8 +196,8 @@ class PromptTuningModel(nn.Module):
         (HF peft 0.21 drops the position ids here and numbers padded rows ``0 .. P+T-1``; on
         unpadded input the two agree token for token.)
         """
-        if self.config.task_type != "CAUSAL_LM":
-            raise ValueError(f"generate() needs a causal LM, this model is {self.config.task_type}")
+        if self.peft_config.task_type != "CAUSAL_LM":
+            raise ValueError(f"generate() needs a causal LM, this model is {self.peft_config.task_type}")
         if self.disabled:
             return self.base.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         if attention_mask is None:
@@ -230,7 +239,7 @@ def save_prompt(model: PromptTuningModel, path) -> int:
 
     For P-tuning the file holds the virtual tokens the encoder produces, not the encoder.
     """
-    cfg, base = model.config, model.base
+    cfg, base = model.peft_config, model.base
     text_config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
     return files.write_adapter(path, dict(
         asdict(cfg), peft_type=cfg.peft_type, token_dim=base.get_input_embeddings().embedding_dim,
@@ -263,7 +272,7 @@ def load_prompt(base: nn.Module, path) -> PromptTuningModel:
 
 def is_prompt_model(model: nn.Module, peft_type: str = PromptTuningConfig.peft_type) -> bool:
     """Whether ``model`` is a :class:`PromptTuningModel` of ``peft_type`` (``"P_TUNING"``: an ``apply_ptuning``)."""
-    return isinstance(model, PromptTuningModel) and model.config.peft_type == peft_type
+    return isinstance(model, PromptTuningModel) and model.peft_config.peft_type == peft_type
 
 
 files.register(PromptTuningConfig.peft_type, save=save_prompt, load=load_prompt, applied=is_prompt_model)

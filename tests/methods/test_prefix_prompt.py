@@ -295,7 +295,7 @@ def test_projection_is_saved_as_the_prefix_it_produces(tmp_path):
     model = PrefixTuningModel(copy.deepcopy(base), config).eval()
     save_prefix(model, tmp_path)
     loaded = load_prefix(copy.deepcopy(base), tmp_path).eval()
-    assert not loaded.config.prefix_projection
+    assert not loaded.peft_config.prefix_projection
     ids = torch.randint(0, 256, (1, 5))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=1e-6, rtol=0)
@@ -318,7 +318,7 @@ def test_prefix_loading_a_file_made_for_another_model_fails(tmp_path):
 def test_prefix_clear_errors_for_misuse():
     config = PrefixConfig(num_virtual_tokens=2)
     model = PrefixTuningModel(_tiny(), config)
-    assert config.task_type is None and model.config.task_type == "CAUSAL_LM"  # the caller's config is kept
+    assert config.task_type is None and model.peft_config.task_type == "CAUSAL_LM"  # the caller's config is kept
     with pytest.raises(ValueError, match="config.task_type='SEQ_CLS' but the model is a CAUSAL_LM model"):
         PrefixTuningModel(_tiny(), PrefixConfig(task_type="SEQ_CLS"))
     with pytest.raises(ValueError, match="already has a prefix"):
