@@ -20,6 +20,7 @@ from .lora import (
     unload_lora,
     unmerge_lora,
 )
+from .mixed import mixed_batch  # row i of a batch runs LoRA adapter adapter_names[i]
 from .prefix import PrefixConfig, PrefixTuningModel, apply_prefix, disable_prefix, load_prefix, save_prefix
 from .prompt import PromptTuningConfig, PromptTuningModel, apply_prompt, disable_prompt, load_prompt, save_prompt
 from .ptuning import PromptEncoder, PTuningConfig, apply_ptuning
@@ -38,5 +39,6 @@ __all__ = [
     "Linear4bit", "QuantConfig", "dequantize_nf4", "nf4_codebook", "quantize_model", "quantize_nf4",
     "adapters", "AdapterConfig", "BottleneckAdapter", "apply_adapters", "disable_adapters",
     "BitFitConfig", "apply_bitfit", "load_bitfit", "save_bitfit", "export_onnx", "merged_copy", "run_onnx",
+    "mixed_batch",
     "IA3Config", "IA3Linear", "apply_ia3", "disable_ia3", "load_ia3", "save_ia3",
 ]
