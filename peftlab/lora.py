@@ -8,6 +8,8 @@ References:
     - Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", arXiv:2106.09685.
     - Kalajdzievski, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA" (rsLoRA),
       arXiv:2312.03732.
+    - Liu et al., "DoRA: Weight-Decomposed Low-Rank Adaptation", arXiv:2402.09353 (``use_dora``; the maths
+      lives in :mod:`peftlab.dora`).
     - HF peft ``tuners/lora`` (names, init and on-disk format followed here so files transfer).
 """
 
@@ -22,7 +24,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import files
+from . import dora, files
 from .inject import (
     ModulesToSave,
     NamedAdapters,
@@ -75,6 +77,7 @@ class LoraConfig:
     fan_in_fan_out: bool = False  # True for GPT-2's Conv1D, whose weight is (in, out)
     init_lora_weights: bool = True  # False: B random too (tests use it to get a non-zero update)
     task_type: str | None = None  # kept for HF peft's adapter_config.json ("SEQ_CLS", "CAUSAL_LM")
+    use_dora: bool = False  # DoRA (peftlab.dora): also train each output row's magnitude m
 
     def __post_init__(self):
         positive_int("r", self.r)
@@ -99,6 +102,7 @@ class LoraAdapter(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(config.r, in_features))
         self.lora_B = nn.Parameter(torch.zeros(out_features, config.r))
         self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.magnitude: nn.Parameter | None = None  # DoRA's m (out,): set by LoraLinear, which knows W
         # A as nn.Linear's default init (Kaiming-uniform, a=sqrt(5)); B zero: the update starts at 0.
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         if not config.init_lora_weights:
@@ -142,7 +146,18 @@ class LoraLinear(nn.Module):
         ref = next(iter(self.base.parameters()), None)
         ref = ref if ref is not None else next(iter(self.base.buffers()))
         dtype = ref.dtype if ref.is_floating_point() and ref.dtype != torch.uint8 else torch.float32
-        self.adapters.add(name, LoraAdapter(self.in_features, self.out_features, config).to(ref.device, dtype))
+        adapter = LoraAdapter(self.in_features, self.out_features, config).to(ref.device, dtype)
+        if config.use_dora:  # m starts at ||W + s B A||_c, so the layer starts as W
+            dora.init_magnitude(adapter, self.base_weight())
+        self.adapters.add(name, adapter)
+
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as a dense (out, in) tensor (a 4-bit base dequantized): what DoRA normalises."""
+        w = self.base.dequantize() if isinstance(self.base, Linear4bit) else self.base.weight
+        if not w.is_floating_point():
+            raise ValueError(f"DoRA needs the dense base weight, but {type(self.base).__name__} stores it packed as "
+                             f"{w.dtype}: use nn.Linear, Conv1D or peftlab.quant.Linear4bit")
+        return w.T if self.fan_in_fan_out else w
 
     @property
     def lora_A(self) -> nn.Parameter:
@@ -164,6 +179,11 @@ class LoraLinear(nn.Module):
         if name is None or self.adapters.merged:  # a merged update is already inside base.weight
             return out
         lora = self.adapters[name]
+        if lora.magnitude is not None:  # DoRA (peftlab.dora): rescales W x too, in the adapter's dtype
+            dt, bias = lora.lora_A.dtype, getattr(self.base, "bias", None)
+            extra = dora.forward(lora, x.to(dt), out.to(dt), self.base_weight().to(dt),
+                                 None if bias is None else bias.to(dt))
+            return out + extra.to(out.dtype)
         return out + lora(x.to(lora.lora_A.dtype)).to(out.dtype)  # fp32 LoRA over a bf16 or 4-bit base
 
     def delta_weight(self, name: str | None = None) -> torch.Tensor:
@@ -174,13 +194,23 @@ class LoraLinear(nn.Module):
     def merge(self) -> None:
         """Add the active update into the base weight (inference then costs nothing extra)."""
         if self.adapters.active is not None and not self.adapters.merged:
-            self._add_to_base(self.delta_weight())
+            lora = self._running()
+            if lora.magnitude is None:
+                self._add_to_base(self.delta_weight())
+            else:  # DoRA: W' = (m / ||W + dW||_c) (W + dW), added as W' - W
+                update = dora.merge_update(lora, self.base_weight())
+                self._add_to_base(update.T if self.fan_in_fan_out else update)
             self.adapters.merged = True
 
     def unmerge(self) -> None:
         """Subtract a merged update again, restoring the base weight (up to float rounding)."""
         if self.adapters.merged:
-            self._add_to_base(-self.delta_weight())
+            lora = self._running()
+            if lora.magnitude is None:
+                self._add_to_base(-self.delta_weight())
+            else:  # DoRA: W = W' ||W + dW||_c / m - dW, with the norm kept at merge time
+                update = dora.unmerge_update(lora, self.base_weight())
+                self._add_to_base(update.T if self.fan_in_fan_out else update)
             self.adapters.merged = False
 
     @torch.no_grad()
@@ -311,6 +341,9 @@ def add_weighted_adapter(model: nn.Module, names: list[str], weights: list[float
     if len(names) != len(weights) or not names:
         raise ValueError("names and weights must be non-empty and of equal length")
     configs = [model.peft_config[n] for n in names]
+    if any(c.use_dora for c in configs):  # each DoRA adapter rescales W by its own m: no sum of updates
+        raise ValueError(f"add_weighted_adapter combines LoRA updates; DoRA adapters "
+                         f"{[n for n, c in zip(names, configs, strict=True) if c.use_dora]} cannot be combined")
     if combination_type == "linear" and len({c.r for c in configs}) != 1:
         raise ValueError(f"'linear' needs equal ranks, got {[c.r for c in configs]}; use 'cat'")
     r = sum(c.r for c in configs) if combination_type == "cat" else configs[0].r
@@ -343,6 +376,8 @@ def lora_tensors(model: nn.Module, adapter_name: str = "default") -> dict[str, t
         if isinstance(module, LoraLinear) and adapter_name in module.adapters:
             a = module.adapters[adapter_name]
             out[f"{key}.lora_A.weight"], out[f"{key}.lora_B.weight"] = a.lora_A, a.lora_B
+            if a.magnitude is not None:  # DoRA's m, under HF peft's key (no ".weight")
+                out[f"{key}.{dora.MAGNITUDE_KEY}"] = a.magnitude
             if config.bias != "none" and getattr(module.base, "bias", None) is not None:
                 out[f"{key}.base_layer.bias"] = module.base.bias  # HF peft calls the wrapped layer base_layer
         elif isinstance(module, ModulesToSave) and adapter_name in module.copies:
@@ -373,7 +408,7 @@ def read_adapter_config(path) -> LoraConfig:
     file = os.path.join(path, files.ADAPTER_CONFIG)
     if raw.get("peft_type", PEFT_TYPE) != PEFT_TYPE:
         raise files.AdapterFileError(f"{file} holds a {raw['peft_type']} adapter, not LoRA")
-    for key in ("use_dora", "alpha_pattern", "rank_pattern", "layers_to_transform"):
+    for key in ("alpha_pattern", "rank_pattern", "layers_to_transform"):
         if raw.get(key):
             raise files.AdapterFileError(f"{file}: {key}={raw[key]!r} is not supported by peftlab's LoRA")
     to_save = raw.get("modules_to_save")  # HF peft lists the head twice for SEQ_CLS: de-duplicate
@@ -390,6 +425,7 @@ def load_lora(model: nn.Module, path, adapter_name: str = "default") -> nn.Modul
         raise ValueError(f"this model already has a LoRA adapter named {adapter_name!r}: load under another "
                          f"adapter_name")
     config, tensors = read_adapter_config(path), files.read_tensors(path)
+    dora.check_file(path, config.use_dora, tensors)  # use_dora and the file's magnitude vectors must agree
     if config.modules_to_save:  # HF peft adds "score" for SEQ_CLS: keep the heads this model has
         config.modules_to_save = present(model, config.modules_to_save)
     with unchanged_on_error(model):  # a file that does not fit leaves the model as it was

@@ -25,6 +25,7 @@ References:
       (activation memory per layer, ``sbh(34 + 5as/h)``; adapted here to what eager PyTorch saves).
     - Chen et al., "Training Deep Nets with Sublinear Memory Cost" (gradient checkpointing), arXiv:1604.06174.
     - Hu et al., "LoRA", arXiv:2106.09685; Houlsby et al., arXiv:1902.00751; Pfeiffer et al., arXiv:2005.00247;
+      Liu et al. (DoRA, ``use_dora``), arXiv:2402.09353;
       Li & Liang (prefix tuning), arXiv:2101.00190; Lester et al. (prompt tuning), arXiv:2104.08691.
 """
 
@@ -77,6 +78,7 @@ class MemoryConfig:
     num_virtual_tokens: int = 20  # prefix and prompt tuning
     task: str = "causal_lm"  # or "classification" (BERT-style encoders)
     quant_backend: str = "bnb"  # QLoRA's 4-bit layer: bitsandbytes or peftlab.quant.Linear4bit (QUANT_BACKENDS)
+    use_dora: bool = False  # method "lora" only: DoRA (peftlab.dora), a trained magnitude per output row
 
     def __post_init__(self):
         for name, value, allowed in (("method", self.method, METHODS), ("dtype", self.dtype, DTYPES),
@@ -90,6 +92,8 @@ class MemoryConfig:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.method == "prefix" and self.grad_checkpointing:
             raise ValueError(PREFIX_CHECKPOINTING)
+        if self.use_dora and self.method != "lora":
+            raise ValueError(f"use_dora models DoRA over LoRA: it needs method='lora', got {self.method!r}")
 
 
 @dataclass
@@ -143,7 +147,9 @@ def parameter_breakdown(cfg: MemoryConfig) -> dict:
     Returns ``params`` (the base model), ``trainable``, ``frozen`` (kept at the compute width), ``quantized``
     (frozen linear weights stored in NF4 by QLoRA), ``head`` (the output layer), ``lora_modules`` (layers
     carrying a LoRA pair), ``adapters_per_layer`` and ``bottleneck`` (bottleneck adapters) and ``max_param``
-    (numel of the largest trainable tensor: the optimizer's scratch is sized by it).
+    (numel of the largest trainable tensor: the optimizer's scratch is sized by it). With ``use_dora``:
+    ``magnitude`` (DoRA's trained m, one per output row of each LoRA layer, already in ``trainable``) and
+    ``dora_weight`` (numel of the largest LoRA weight: the ``W + dW`` that DoRA's norm materialises).
     ``tests/experiments/test_memory.py`` checks these against the papers' closed forms.
 
     >>> c = parameter_breakdown(MemoryConfig(model="tiny-llama", method="lora", r=4))
@@ -165,14 +171,17 @@ def parameter_breakdown(cfg: MemoryConfig) -> dict:
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
     n_all = sum(p.numel() for p in model.parameters())
-    lora_modules = sum(isinstance(m, LoraLinear) for m in model.modules())  # apply_lora refused zero matches
+    lora = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    lora_modules = len(lora)  # apply_lora refused zero matches
+    magnitude = sum(a.magnitude.numel() for m in lora for a in m.adapters.values() if a.magnitude is not None)
+    dora_weight = max(m.in_features * m.out_features for m in lora) if magnitude else 0
     sites = sum(isinstance(m, AdapterLayer) for m in model.modules())
     arch = config_of(model)
     n_layers, d = arch.num_hidden_layers, arch.hidden_size
     return dict(params=total, trainable=n_trainable, frozen=n_all - n_trainable - quantized, quantized=quantized,
                 head=head, lora_modules=lora_modules, adapters_per_layer=sites // n_layers,
                 bottleneck=AdapterConfig(reduction_factor=cfg.reduction_factor).size(d),
-                max_param=max(p.numel() for p in trainable))
+                max_param=max(p.numel() for p in trainable), magnitude=magnitude, dora_weight=dora_weight)
 
 
 # --- activations: what eager PyTorch saves for backward, per token ------------------------------------------------
@@ -211,6 +220,7 @@ def llama_layer_activations(arch, cfg: MemoryConfig, counts: dict) -> dict:
     mlp = a * 3 * ff + reads("down_proj") * a * ff
     # LoRA keeps x @ A^T (r values) for B's gradient, per wrapped layer.
     lora_mid = a * cfg.r * counts.get("lora_modules", 0) / arch.num_hidden_layers
+    lora_mid += dora_saved(arch, cfg, counts)
     adapters = 0
     if cfg.method in ("houlsby", "pfeiffer"):  # down keeps its input (d), the activation and up keep m each
         adapters = counts["adapters_per_layer"] * a * (d + 2 * counts["bottleneck"])
@@ -246,7 +256,7 @@ def bert_layer_activations(arch, cfg: MemoryConfig, counts: dict, seq: int) -> d
     attn_out = a * (full * d + d + d) + 8
     # intermediate input (LayerNorm output, if it trains), GELU input, output.dense input, dropout mask, LN
     ffn = a * (full * d + ff + full * ff + d + d) + 8
-    lora_mid = a * cfg.r * counts.get("lora_modules", 0) / arch.num_hidden_layers
+    lora_mid = a * cfg.r * counts.get("lora_modules", 0) / arch.num_hidden_layers + dora_saved(arch, cfg, counts)
     adapters = 0
     if cfg.method in ("houlsby", "pfeiffer"):  # on the dense outputs, before dropout and LayerNorm
         adapters = counts["adapters_per_layer"] * a * (d + 2 * counts["bottleneck"])
@@ -258,6 +268,14 @@ def bert_layer_activations(arch, cfg: MemoryConfig, counts: dict, seq: int) -> d
                         "lora": a * d, "qlora": a * d, "prefix": a * d * kv_len / seq}.get(cfg.method, 0)
     return dict(attention=attention, attn_out=attn_out, ffn=ffn, lora=lora_mid, adapters=adapters, total=total,
                 first_layer_skip=first_layer_skip)
+
+
+def dora_saved(arch, cfg: MemoryConfig, counts: dict) -> float:
+    """DoRA's extra bytes saved per token per layer: ``g = m / ||W + dW||_c`` multiplies ``W x`` and ``B A x``
+    (``peftlab.dora.forward``), and m's gradient needs both, ``2 a out`` per LoRA layer (the norm itself is a
+    constant: no graph). HF peft's DoRA saves the same two tensors."""
+    a = 2 if cfg.dtype == "bf16" else 4
+    return 2 * a * counts.get("magnitude", 0) / arch.num_hidden_layers  # magnitude = sum of out over the layers
 
 
 def activation_bytes(cfg: MemoryConfig, counts: dict | None = None) -> dict:
@@ -290,15 +308,18 @@ def activation_bytes(cfg: MemoryConfig, counts: dict | None = None) -> dict:
     else:
         raise ValueError(f"activation formulas exist for llama/mistral/qwen2 and bert, not {arch.model_type!r}")
     per_layer = tokens * layer["total"]
+    # DoRA: each layer's forward materialises W + dW (out x in) to take its norm, freed at once (no graph);
+    # HF peft's forward holds more then: an (in x in) identity, B A, s B A and W + s B A.
+    dora_scratch = a * counts.get("dora_weight", 0)
     if cfg.grad_checkpointing:
         # Only each layer's input (a d per token) is kept; backward recomputes one layer at a time (Chen et al.).
         saved = n_layers * tokens * a * d
-        peak = saved + max(head_saved + head_transient, per_layer + head_saved)
+        peak = saved + max(head_saved + head_transient, per_layer + head_saved + dora_scratch)
     else:
         saved = n_layers * per_layer - tokens * layer.get("first_layer_skip", 0)
-        peak = saved + head_saved + head_transient
+        peak = saved + max(head_saved + head_transient, dora_scratch)
     return dict(peak=peak, per_layer=per_layer, saved=saved + head_saved, head_transient=head_transient,
-                per_token_layer=layer)
+                per_token_layer=layer, dora_scratch=dora_scratch)
 
 
 def estimate(cfg: MemoryConfig) -> Estimate:
@@ -388,6 +409,15 @@ def prepare_model(model: nn.Module, cfg: MemoryConfig, quant_backend: str | None
     """
     backend = (quant_backend or cfg.quant_backend) if quantize else None
     model, _ = apply_method(cfg.method, model, quant_backend=backend, **method_options(cfg))
+    if cfg.use_dora:  # the method table's LoRA has no use_dora: give its adapters DoRA's magnitude m here
+        from ..dora import init_magnitude
+        from ..lora import lora_layers
+
+        for _, layer in lora_layers(model):
+            for adapter in layer.adapters.values():
+                init_magnitude(adapter, layer.base_weight())
+        for c in model.peft_config.values():
+            c.use_dora = True
     base = getattr(model, "base", model)
     if cfg.task == "classification":  # the new head trains too (HF peft's modules_to_save)
         for p in getattr(base, classifier_head(base)).parameters():
@@ -507,3 +537,101 @@ def format_table(e: Estimate, measured: dict | None = None) -> str:
         lines.append(f"measured peak {m / GB:.3f} GB; predicted {e.total / GB:.3f} GB "
                      f"({100 * (e.total - m) / m:+.1f} %)")
     return "\n".join(lines)
+
+
+# --- more than one GPU: DDP replicates the model, FSDP shards it (``peftlab memory --gpus N --sharding fsdp``) ----
+SHARDINGS = ("ddp", "fsdp")
+
+
+@dataclass
+class ShardedEstimate:
+    """Predicted bytes on *each* of ``gpus`` GPUs; ``batch`` and ``seq`` of the config are per GPU."""
+
+    gpus: int
+    sharding: str
+    weights: float
+    grads: float
+    optimizer: float
+    activations: float
+    comm: float  # DDP: the reducer's gradient buckets; FSDP: the units gathered whole at one time
+    total: float
+    detail: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def fsdp_units(cfg: MemoryConfig) -> dict:
+    """Float parameters of FSDP's units, one per decoder layer (the largest) and the root (the rest: embeddings,
+    final norm, head), as :func:`peftlab.distributed.fsdp_plugin` wraps them; QLoRA's 4-bit weights excluded.
+
+    >>> u = fsdp_units(MemoryConfig(model="tiny-llama", method="lora", r=4))
+    >>> u["layers"], u["layer"], u["root"]  # layer: q, k, v, o, MLP, 2 norms + LoRA; root: embed + head + norm
+    (2, 37888, 32832)
+    """
+    model = prepare_model(_meta_model(cfg), replace(cfg, grad_checkpointing=False), quantize=False)
+    base = getattr(model, "base", model)
+    names = set(getattr(base, "_no_split_modules", None) or [])
+    layers = [m for m in base.modules() if type(m).__name__ in names]
+    quantized = METHOD_TABLE[cfg.method].quantized
+
+    def float_params(module: nn.Module) -> int:
+        n = sum(p.numel() for p in module.parameters())
+        if quantized:  # QLoRA: the frozen linear weights are 4-bit, ignored by FSDP (whole on every GPU)
+            n -= sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear) and
+                     not m.weight.requires_grad)
+        return n
+
+    per_layer = [float_params(m) for m in layers]
+    in_layers = sum(p.numel() for m in layers for p in m.parameters())
+    root = sum(p.numel() for p in model.parameters()) - in_layers  # QLoRA's 4-bit weights are all in the layers
+    return dict(layers=len(layers), layer=max(per_layer), root=root)
+
+
+def sharded_estimate(cfg: MemoryConfig, gpus: int, sharding: str = "ddp") -> ShardedEstimate:
+    """Per-GPU memory of data-parallel training on ``gpus`` GPUs, each with ``cfg.batch`` examples.
+
+    - **DDP** replicates everything: weights, gradients and optimizer state as on one GPU, plus the reducer's
+      buckets, a flat copy of every trainable gradient (``gradient_as_bucket_view=False``, the default).
+    - **FSDP** (FULL_SHARD, ZeRO-3) keeps 1/N of the weights, gradients and optimizer state on each GPU, and
+      gathers units whole while it computes: the root unit (embeddings, head) for the whole step, and two
+      decoder layers at once (the one computing and the one prefetched). QLoRA's 4-bit weights are not
+      sharded (peftlab's :class:`~peftlab.quant.Linear4bit` layers are FSDP's ``ignored_modules``).
+
+    Activations do not shrink: each GPU runs its own micro-batch (data parallelism, not tensor parallelism).
+
+    >>> one = estimate(MemoryConfig(model="llama-3.1-8b", method="full"))
+    >>> four = sharded_estimate(MemoryConfig(model="llama-3.1-8b", method="full"), gpus=4, sharding="fsdp")
+    >>> round((four.weights + four.grads + four.optimizer) / one.params, 3)  # ZeRO-3: 16 B/param over 4 GPUs
+    4.0
+    """
+    if sharding not in SHARDINGS:
+        raise ValueError(f"sharding must be one of {SHARDINGS}, got {sharding!r}")
+    if not isinstance(gpus, int) or gpus < 1:
+        raise ValueError(f"gpus must be a positive integer, got {gpus!r}")
+    e = estimate(cfg)
+    counts = e.detail["counts"]
+    w = DTYPE_BYTES[cfg.dtype]
+    four_bit = counts["quantized"] * (NF4_BYTES + DOUBLE_QUANT_BITS / 8)
+    act = e.activations + e.detail["head_grad"] + e.detail["dequant"]  # forward + backward, as on one GPU
+    scratch = e.detail["step_scratch"]
+    if sharding == "ddp":
+        weights, grads, optimizer, comm = e.weights, e.grads, e.optimizer, e.grads
+        detail = dict(buckets=comm)
+    else:
+        units = fsdp_units(cfg)
+        weights = (e.weights - four_bit) / gpus + four_bit
+        grads, optimizer, scratch = e.grads / gpus, e.optimizer / gpus, scratch / gpus
+        comm = w * (units["root"] + min(2, units["layers"]) * units["layer"]) if gpus > 1 else 0.0
+        detail = dict(units=units, four_bit_replicated=four_bit)
+    total = weights + optimizer + comm + max(act, grads + scratch)
+    return ShardedEstimate(gpus=gpus, sharding=sharding, weights=weights, grads=grads, optimizer=optimizer,
+                           activations=e.activations, comm=comm, total=total, detail=dict(detail, one_gpu=e.total))
+
+
+def format_sharded(s: ShardedEstimate) -> str:
+    comm = "DDP gradient buckets" if s.sharding == "ddp" else "FSDP gathered units (root + 2 layers)"
+    rows = [("weights", s.weights), ("grads", s.grads), ("optimizer", s.optimizer), ("activations", s.activations),
+            (comm, s.comm), ("total (peak)", s.total)]
+    lines = [f"{'per GPU, ' + str(s.gpus) + ' GPUs, ' + s.sharding.upper():<46} {'GB':>10}"]
+    return "\n".join(lines + [f"{n:<46} {v / GB:>10.3f}" for n, v in rows])
