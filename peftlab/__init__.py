@@ -6,6 +6,7 @@ from .bitfit import BitFitConfig, apply_bitfit, load_bitfit, save_bitfit
 from .export import export_onnx, merged_copy, run_onnx
 from .files import AdapterFileError, load_adapter, save_adapter  # one save/load: dispatch on the method / peft_type
 from .ia3 import IA3Config, IA3Linear, apply_ia3, disable_ia3, load_ia3, save_ia3
+from .init import loftq_init, pissa_init, pissa_to_lora  # LoRA initialised from the weight's SVD
 from .inject import count_parameters, format_trainable
 from .lora import (
     LoraConfig,
@@ -21,6 +22,7 @@ from .lora import (
     unmerge_lora,
 )
 from .mixed import mixed_batch  # row i of a batch runs LoRA adapter adapter_names[i]
+from .optim import loraplus_optimizer, loraplus_param_groups  # LoRA+: lr_B = ratio * lr_A
 from .prefix import PrefixConfig, PrefixTuningModel, apply_prefix, disable_prefix, load_prefix, save_prefix
 from .prompt import PromptTuningConfig, PromptTuningModel, apply_prompt, disable_prompt, load_prompt, save_prompt
 from .ptuning import PromptEncoder, PTuningConfig, apply_ptuning
@@ -41,4 +43,5 @@ __all__ = [
     "BitFitConfig", "apply_bitfit", "load_bitfit", "save_bitfit", "export_onnx", "merged_copy", "run_onnx",
     "mixed_batch",
     "IA3Config", "IA3Linear", "apply_ia3", "disable_ia3", "load_ia3", "save_ia3",
+    "loftq_init", "pissa_init", "pissa_to_lora", "loraplus_optimizer", "loraplus_param_groups",
 ]
