@@ -233,8 +233,8 @@ def train_distributed(model: nn.Module, dataset: Dataset, config: DistributedCon
     fsdp = accelerator.distributed_type == DistributedType.FSDP
     if config.sharding == "fsdp" and not fsdp:
         raise ValueError(f"sharding='fsdp' but accelerate runs this job as {accelerator.distributed_type.value}: "
-                         f"it enables FSDP for GPU processes started by `accelerate launch --num_processes N` "
-                         f"only, never on the CPU; use sharding='ddp' there")
+                         f"it enables FSDP only for 2 or more GPU processes (`accelerate launch --num_processes N`, "
+                         f"N >= 2), never for one process or on the CPU; use sharding='ddp' there")
     if accelerator.gradient_accumulation_steps != config.grad_accum:
         raise ValueError(f"the accelerator accumulates {accelerator.gradient_accumulation_steps} micro-batches, "
                          f"config.grad_accum is {config.grad_accum}: make it with make_accelerator(model, config)")

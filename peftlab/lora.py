@@ -262,9 +262,9 @@ def apply_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defaul
     # ".base" is excluded so a regex cannot reach the linear layer inside an existing wrapper.
     replace_modules(model, targets, wrap, types=WRAPPABLE, exclude=["base"],
                     what="layer (LoRA wraps nn.Linear and Conv1D)")
-    _set_bias_trainable(model, config.bias)
     for target in config.modules_to_save or []:
         wrap_modules_to_save(model, target, adapter_name)
+    _set_bias_trainable(model, config.bias)  # after: the frozen originals of modules_to_save stay frozen
     model.peft_config = {**getattr(model, "peft_config", {}), adapter_name: config}
     set_adapter(model, adapter_name)  # layers without this adapter run their base alone
     return model
@@ -272,8 +272,10 @@ def apply_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defaul
 
 def _set_bias_trainable(model: nn.Module, bias: str) -> None:
     if bias == "all":
+        # not the frozen originals that modules_to_save keeps beside their trained copies (HF peft leaves them frozen)
+        originals = {id(q) for m in model.modules() if isinstance(m, ModulesToSave) for q in m.original.parameters()}
         for n, p in model.named_parameters():
-            if n.endswith("bias"):
+            if n.endswith("bias") and id(p) not in originals:
                 p.requires_grad_(True)
     elif bias == "lora_only":
         for _, layer in lora_layers(model):

@@ -328,3 +328,21 @@ def test_disable_lora_on_a_merged_model_runs_the_base_and_merges_again():
             torch.testing.assert_close(model(ids).logits, expected_base, atol=1e-5, rtol=0)
         assert all(layer.adapters.merged for _, layer in lora_layers(model))
         torch.testing.assert_close(model(ids).logits, merged, atol=1e-5, rtol=0)
+
+
+def test_bias_all_with_modules_to_save_trains_what_hf_peft_trains():
+    """bias="all" + modules_to_save: the head copy and every bias train, the frozen original head does not."""
+    import peft
+
+    from peftlab.inject import count_parameters
+
+    targets = dict(r=2, target_modules=["query", "value"], modules_to_save=["classifier"], bias="all")
+    def base():
+        return build_from_config("tiny-bert", task="classification", num_labels=3)
+
+    ours = apply_lora(base(), LoraConfig(**targets))
+    theirs = peft.get_peft_model(base(), peft.LoraConfig(**targets))
+    hf_trainable = sum(p.numel() for p in theirs.parameters() if p.requires_grad)
+    assert count_parameters(ours)[0] == hf_trainable
+    heads = [m for m in ours.modules() if type(m).__name__ == "ModulesToSave"]
+    assert heads and not any(p.requires_grad for m in heads for p in m.original.parameters())
