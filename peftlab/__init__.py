@@ -3,6 +3,7 @@
 from . import _renamed, adapters, files
 from .adapters import AdapterConfig, BottleneckAdapter, apply_adapters, disable_adapters
 from .bitfit import BitFitConfig, apply_bitfit, load_bitfit, save_bitfit
+from .doctor import doctor  # the silent failures of PEFT training, found and named
 from .export import export_onnx, merged_copy, run_onnx
 from .files import AdapterFileError, load_adapter, save_adapter  # one save/load: dispatch on the method / peft_type
 from .ia3 import IA3Config, IA3Linear, apply_ia3, disable_ia3, load_ia3, save_ia3
@@ -41,7 +42,7 @@ __all__ = [
     "Linear4bit", "QuantConfig", "dequantize_nf4", "nf4_codebook", "quantize_model", "quantize_nf4",
     "adapters", "AdapterConfig", "BottleneckAdapter", "apply_adapters", "disable_adapters",
     "BitFitConfig", "apply_bitfit", "load_bitfit", "save_bitfit", "export_onnx", "merged_copy", "run_onnx",
-    "mixed_batch",
+    "mixed_batch", "doctor",
     "IA3Config", "IA3Linear", "apply_ia3", "disable_ia3", "load_ia3", "save_ia3",
     "loftq_init", "pissa_init", "pissa_to_lora", "loraplus_optimizer", "loraplus_param_groups",
 ]
