@@ -109,7 +109,9 @@ class MatMul4bit(torch.autograd.Function):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
             w = kernels.dequantize_4bit(packed, ctx.state).to(ctx.compute_dtype)  # the same W as in forward
-            grad_x = grad_out @ w  # (..., out) @ (out, in) -> (..., in)
+            # under autocast, forward's F.linear ran in the autocast dtype and grad_out has it too; backward runs
+            # outside autocast, so the product is taken in grad_out's dtype (autograd casts grad_x to x's dtype)
+            grad_x = grad_out @ w.to(grad_out.dtype)  # (..., out) @ (out, in) -> (..., in)
         if ctx.needs_input_grad[2]:  # a bias someone unfroze (BitFit on a 4-bit model)
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)  # (out,)
         return grad_x, None, grad_bias, None, None

@@ -96,9 +96,16 @@ def bnb_cpu_fp16_dequantize_misrounds() -> bool:
     import torch
     from bitsandbytes import functional as F
 
+    # A near-tie seen wrong on the H200 machine: code[2] * absmax = -0.5250731 * 0.1253662 = -0.06582639..., a
+    # hair below the midpoint of the float16 neighbours -0.06579590 (nearest) and -0.06585693 (what bnb gave);
+    # ties like it are rare (2 of 4,096 values of a random 64 x 64), so a random tensor alone can miss the fault.
+    tie = torch.zeros(1, 64, dtype=torch.float16)
+    tie[0, 0], tie[0, 1] = 0.1253662109375, -0.06085205078125
     g = torch.Generator().manual_seed(0)
-    w = (torch.randn(64, 64, generator=g) * 0.05).half()
-    packed, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4")
-    as_fp32 = copy.copy(state)
-    as_fp32.dtype = torch.float32
-    return not torch.equal(F.dequantize_4bit(packed, state), F.dequantize_4bit(packed, as_fp32).half())
+    for w in (tie, (torch.randn(64, 64, generator=g) * 0.05).half()):
+        packed, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4")
+        as_fp32 = copy.copy(state)
+        as_fp32.dtype = torch.float32
+        if not torch.equal(F.dequantize_4bit(packed, state), F.dequantize_4bit(packed, as_fp32).half()):
+            return True
+    return False

@@ -124,3 +124,19 @@ def test_qlora_trains_minilm_classifier(minilm):
     losses = train_steps(model, batch, 12, lr=5e-3)
     assert losses[-1] < 0.5 * losses[0]
     assert torch.equal(model.bert.encoder.layer[0].attention.self.query.base.weight, packed)
+
+
+def test_4bit_layer_trains_under_autocast():
+    """bf16 autocast (accelerate's mixed precision): the input gradient is ones @ W, in the input's dtype.
+
+    Before the fix, backward (which runs outside autocast) multiplied the bf16 grad_out by the fp32 weight and failed.
+    """
+    torch.manual_seed(0)
+    layer = Linear4bit.from_linear(nn.Linear(64, 32), QuantConfig(compute_dtype=torch.float32))
+    w = layer.dequantize().float()
+    x = torch.randn(3, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32
+    torch.testing.assert_close(x.grad, torch.ones(3, 32) @ w, atol=0.05, rtol=0.02)  # bf16 products

@@ -148,6 +148,7 @@ def test_known_fault_bnb_cpu_float16_dequantize_misrounds():
     """
     g = torch.Generator().manual_seed(1)
     w = (torch.randn(256, 128, generator=g) * 0.05).half()
+    w[0, :2] = torch.tensor([0.1253662109375, -0.06085205078125])  # the near-tie of the probe (tests/upstream.py)
     packed, state = BF.quantize_4bit(w, blocksize=64, quant_type="nf4")
     ours = Q.dequantize_nf4(*Q.quantize_nf4(w, 64))
     assert torch.equal(ours, by_definition(packed, state))
