@@ -41,7 +41,7 @@ from transformers import Trainer
 from . import files
 from .adapters import adapter_tensors
 from .bitfit import bitfit_tensors
-from .heads import head_tensors
+from .heads import WrapsBase, head_tensors
 from .ia3 import ia3_tensors
 from .inject import pick_adapter
 from .lora import lora_tensors
@@ -142,8 +142,34 @@ def _base_forward(model: nn.Module):
     return (model.base if _encoder(model) is not None else model).forward
 
 
+def move_fused_head_to_base(model: nn.Module) -> bool:
+    """Undo TRL's fused LM head on a prefix / prompt wrapper and put it on the wrapped model instead.
+
+    TRL's SFTTrainer (1.16) computes its loss through a "fused LM head": it replaces the forward of the model it is
+    given by one that, with ``fused_lm_head=True``, runs ``model.base_model`` (the backbone) and the LM head itself.
+    On a wrapper that skips the wrapper, so the virtual tokens never reach the model. HF peft's PeftModel is patched
+    on its base instead; so is a peftlab wrapper here: its own forward adds the prefix (or the soft prompt, with
+    -100 labels under it) and passes ``fused_lm_head`` on to the base. Returns whether anything was moved.
+    """
+    patched = model.__dict__.get("forward") if isinstance(model, WrapsBase) else None
+    fn = getattr(patched, "__func__", None)
+    if fn is None or "original_forward" not in fn.__code__.co_freevars:
+        return False  # not TRL's patch
+    settings = dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__), strict=True))
+    from trl.trainer.utils import add_fused_lm_head
+
+    del model.forward  # the wrapper's own forward again
+    add_fused_lm_head(model.base, **{k: settings[k] for k in ("temperature", "cast_lm_head_to_fp32", "outputs")
+                                     if k in settings})
+    return True
+
+
 class AdapterCheckpoints:
     """The three Trainer hooks that save and load the adapter instead of the model (mix in before a Trainer)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        move_fused_head_to_base(self.model)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir

@@ -147,21 +147,22 @@ def test_a_model_without_a_method_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-# Not the prefix/prompt wrappers: TRL's SFTTrainer (1.16) computes its loss through a fused LM head it hooks into the
-# model it was given (`model(**inputs, fused_lm_head=True)`), which expects a transformers model or HF peft's PeftModel.
-@pytest.mark.parametrize("name", ["lora", "ia3-lm"])
+@pytest.mark.parametrize("name", ["lora", "ia3-lm", "prefix", "ptuning"])
 def test_trl_sft_trainer_checkpoints_hold_the_adapter(name, tmp_path):
     trl = pytest.importorskip("trl")
     from datasets import Dataset
 
-    applies = {"lora": CASES["lora"][1], "ia3-lm": lambda m: apply_ia3(m)}
+    applies = {"lora": CASES["lora"][1], "ia3-lm": lambda m: apply_ia3(m), "prefix": CASES["prefix"][1],
+               "ptuning": CASES["ptuning"][1]}
     base = _base("tiny-llama")
     torch.manual_seed(1)
     model = applies[name](base)
+    initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     rows = [dict(input_ids=r["input_ids"].tolist()) for r in _data("tiny-llama")]
     args = trl.SFTConfig(str(tmp_path / "sft"), max_steps=4, save_steps=2, per_device_train_batch_size=4,
                          learning_rate=1e-2, logging_steps=1, report_to=[], use_cpu=True, disable_tqdm=True,
-                         dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False)
+                         dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False,
+                         gradient_checkpointing=name != "prefix")  # a prefix refuses checkpointing, and says why
     from tokenizers import Tokenizer, models
     from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerFast
 
@@ -173,6 +174,8 @@ def test_trl_sft_trainer_checkpoints_hold_the_adapter(name, tmp_path):
                                               data_collator=DataCollatorForLanguageModeling(tok, mlm=False))
     losses = _train(trainer)
     assert len(losses) == 4
+    # the adapter itself trained (a prefix or prompt that the loss bypassed would keep its initial values)
+    assert all(not torch.equal(p.detach(), initial[n]) for n, p in model.named_parameters() if n in initial)
     ckpt = tmp_path / "sft" / "checkpoint-4"
     held = set(os.listdir(ckpt))
     assert files.ADAPTER_WEIGHTS in held and not held & FULL_MODEL_FILES, held
@@ -184,7 +187,10 @@ def test_trl_sft_trainer_checkpoints_hold_the_adapter(name, tmp_path):
 
     trained = {k: v.detach() for k, v in live_tensors(model).items()}
     saved = files.read_tensors(ckpt)
-    assert saved.keys() == trained.keys() and all(torch.equal(saved[k], trained[k]) for k in saved)
+    if name == "ptuning":  # the file holds the encoder's output; the encoder itself is beside it
+        assert ENCODER_WEIGHTS in held
+    else:
+        assert saved.keys() == trained.keys() and all(torch.equal(saved[k], trained[k]) for k in saved)
     copy = applies[name](_base("tiny-llama"))
     copy.load_state_dict(model.state_dict())
     hf = PeftModel.from_pretrained(_base("tiny-llama"), str(ckpt))
