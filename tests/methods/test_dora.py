@@ -7,6 +7,7 @@ from dataclasses import replace
 import peft
 import pytest
 import torch
+from lora_helpers import randomize_lora
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -44,18 +45,6 @@ def _ids() -> torch.Tensor:
     return torch.randint(3, V, (2, 9))
 
 
-def _randomize(model: nn.Module, seed: int = 1) -> None:
-    """Non-zero A and B, and m moved off ||W + dW||_c (else g = 1 and DoRA's rescaling would not show)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in lora_layers(model):
-            for a in layer.adapters.values():
-                a.lora_A.copy_(torch.randn(a.lora_A.shape, generator=g) * 0.1)
-                a.lora_B.copy_(torch.randn(a.lora_B.shape, generator=g) * 0.1)
-                if a.magnitude is not None:
-                    a.magnitude.mul_(1 + 0.2 * torch.randn(a.magnitude.shape, generator=g))
-
-
 def _hf_config(cfg: LoraConfig) -> peft.LoraConfig:
     return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, target_modules=cfg.target_modules,
                            lora_dropout=cfg.lora_dropout, fan_in_fan_out=cfg.fan_in_fan_out, use_dora=cfg.use_dora)
@@ -80,7 +69,7 @@ def _dora(name: str, r: int = 4, **kw) -> tuple[nn.Module, nn.Module, LoraConfig
     cfg = LoraConfig(r=r, lora_alpha=2 * r + 1, target_modules=TARGETS[name], use_dora=True,
                      fan_in_fan_out=name == "tiny-gpt2", **kw)
     apply_lora(model, cfg)
-    _randomize(model)
+    randomize_lora(model, magnitude_jitter=0.2)
     return model, base, cfg
 
 
@@ -136,7 +125,7 @@ def test_minilm_round_trips_both_ways(minilm, tmp_path):
     model, tok = minilm
     base, hf_base = copy.deepcopy(model), copy.deepcopy(model)
     apply_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], use_dora=True))
-    _randomize(model)
+    randomize_lora(model, magnitude_jitter=0.2)
     save_lora(model, tmp_path / "ours")
     batch = tok(["I love this airline!", "worst delay ever"], return_tensors="pt", padding=True)
     theirs = peft.PeftModel.from_pretrained(hf_base, tmp_path / "ours")
@@ -254,7 +243,7 @@ def test_dora_and_lora_adapters_side_by_side_match_hf_peft_and_disable_gives_the
     cfg_b = LoraConfig(r=3, lora_alpha=3, target_modules=["q_proj"])
     apply_lora(model, cfg_a, adapter_name="dora")
     apply_lora(model, cfg_b, adapter_name="plain")
-    _randomize(model)
+    randomize_lora(model, magnitude_jitter=0.2)
     theirs = peft.get_peft_model(copy.deepcopy(base), _hf_config(cfg_a), adapter_name="dora")
     theirs.add_adapter("plain", _hf_config(cfg_b))
     _copy_into_hf(model, theirs)

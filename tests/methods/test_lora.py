@@ -6,6 +6,7 @@ import math
 import peft
 import pytest
 import torch
+from lora_helpers import randomize_lora
 from torch import nn
 
 from peftlab import (
@@ -43,16 +44,6 @@ def _copy_lora_into_peft(ours: nn.Module, theirs: nn.Module, adapter: str = "def
     return copied
 
 
-def _randomize_lora(model: nn.Module, seed: int = 1) -> None:
-    """Give every A and B non-zero values, so the LoRA path really contributes."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in lora_layers(model):
-            for a in layer.adapters.values():
-                a.lora_A.copy_(torch.randn(a.lora_A.shape, generator=g) * 0.1)
-                a.lora_B.copy_(torch.randn(a.lora_B.shape, generator=g) * 0.1)
-
-
 def _hf_config(cfg: LoraConfig, **extra) -> peft.LoraConfig:
     return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, target_modules=cfg.target_modules,
                            lora_dropout=cfg.lora_dropout, bias=cfg.bias, use_rslora=cfg.use_rslora,
@@ -72,7 +63,7 @@ def test_minilm_logits_match_hf_peft(minilm, r, targets, bias, rslora):
     cfg = LoraConfig(r=r, lora_alpha=2 * r + 1, target_modules=targets, bias=bias, use_rslora=rslora)
     apply_lora(model, cfg)
     theirs = peft.get_peft_model(reference, _hf_config(cfg))
-    _randomize_lora(model)
+    randomize_lora(model)
     assert _copy_lora_into_peft(model, theirs) == len(lora_layers(model)) > 0
     batch = _batch(tok)
     with torch.no_grad():
@@ -102,7 +93,7 @@ def test_smollm2_logits_match_hf_peft(smollm2, targets):
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=targets)
     apply_lora(model, cfg)
     theirs = peft.get_peft_model(reference, _hf_config(cfg))
-    _randomize_lora(model)
+    randomize_lora(model)
     _copy_lora_into_peft(model, theirs)
     ids = tok("The capital of France is", return_tensors="pt")
     with torch.no_grad():
@@ -119,7 +110,7 @@ def test_gpt2_conv1d_fan_in_fan_out_matches_hf_peft():
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True)
     apply_lora(model, cfg)
     theirs = peft.get_peft_model(reference, _hf_config(cfg))
-    _randomize_lora(model)
+    randomize_lora(model)
     _copy_lora_into_peft(model, theirs)
     ids = torch.randint(0, 256, (2, 10))
     with torch.no_grad():
@@ -150,7 +141,7 @@ def test_zero_init_is_identity_and_merge_unmerge_restore(r):
     apply_lora(model, LoraConfig(r=r, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, base_logits)  # B = 0
-        _randomize_lora(model)
+        randomize_lora(model)
         unmerged = model(ids).logits
         assert not torch.allclose(unmerged, base_logits, atol=1e-4)
         merge_lora(model)
@@ -169,7 +160,7 @@ def test_disable_lora_after_merge_gives_base_outputs():
     with torch.no_grad():
         base_logits = model(ids).logits
     apply_lora(model, LoraConfig(r=2, target_modules=["q_proj"]))
-    _randomize_lora(model)
+    randomize_lora(model)
     merge_lora(model)
     with disable_lora(model), torch.no_grad():
         torch.testing.assert_close(model(ids).logits, base_logits, atol=1e-5, rtol=0)
@@ -178,7 +169,7 @@ def test_disable_lora_after_merge_gives_base_outputs():
 def test_unload_leaves_no_wrappers_and_keeps_outputs():
     model = build_from_config("tiny-llama")
     apply_lora(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
-    _randomize_lora(model)
+    randomize_lora(model)
     ids = torch.randint(0, 256, (1, 8))
     with torch.no_grad():
         before = model(ids).logits
@@ -218,7 +209,7 @@ def test_save_adapter_loads_in_hf_peft(minilm, tmp_path):
     base = copy.deepcopy(model)
     apply_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], bias="lora_only",
                                  modules_to_save=["classifier"], task_type="SEQ_CLS"))
-    _randomize_lora(model)
+    randomize_lora(model)
     with torch.no_grad():
         for layer in (m for _, m in lora_layers(model)):
             layer.base.bias.add_(0.01)
@@ -251,7 +242,7 @@ def test_multiple_adapters_switch_and_weighted_cat(tmp_path):
     ids = torch.randint(0, 256, (1, 8))
     apply_lora(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]), adapter_name="a")
     apply_lora(model, LoraConfig(r=3, lora_alpha=3, target_modules=["q_proj"]), adapter_name="b")
-    _randomize_lora(model)
+    randomize_lora(model)
     layer = model.model.layers[0].self_attn.q_proj
     assert sorted(layer.adapters) == ["a", "b"] and layer.adapters.active == "b"
     set_adapter(model, "a")

@@ -9,6 +9,7 @@ import copy
 import peft
 import pytest
 import torch
+from lora_helpers import randomize_lora
 from torch import nn
 
 from peftlab import LoraConfig, apply_lora, disable_lora, load_lora, merge_lora, mixed_batch, save_lora, set_adapter
@@ -25,16 +26,6 @@ LLAMA_ADAPTERS = {
 NAMES = ["b", "__base__", "a", "c", "a", "__base__"]  # repeated names, base rows, rows out of order
 
 
-def _randomize(model: nn.Module, seed: int = 1) -> None:
-    """Large random A and B, so each adapter moves the logits well above float noise."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in lora_layers(model):
-            for a in layer.adapters.values():
-                a.lora_A.copy_(torch.randn(a.lora_A.shape, generator=g) * 0.3)
-                a.lora_B.copy_(torch.randn(a.lora_B.shape, generator=g) * 0.3)
-
-
 @pytest.fixture
 def llama_pair(tmp_path):
     """(base, ours, theirs): tiny Llama with adapters a, b, c in peftlab and, through the files, in HF peft."""
@@ -42,7 +33,7 @@ def llama_pair(tmp_path):
     ours = copy.deepcopy(base)
     for name, cfg in LLAMA_ADAPTERS.items():
         apply_lora(ours, cfg, name)
-    _randomize(ours)
+    randomize_lora(ours, scale=0.3)
     for name in LLAMA_ADAPTERS:
         save_lora(ours, tmp_path / name, name)
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a", adapter_name="a")
