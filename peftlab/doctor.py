@@ -36,6 +36,9 @@ from torch import nn
 from .inject import matches
 from .lora import lora_layers
 
+NO_GRADIENT_HINT = ("With gradient checkpointing (reentrant), call model.enable_input_require_grads() or use "
+                    "use_reentrant=False; else the forward does not use these layers.")
+
 
 @dataclass(frozen=True)
 class Finding:
@@ -77,18 +80,14 @@ def check_gradients(model: nn.Module, batch: dict) -> list[Finding]:
             loss = logits.float().sum()
         if not loss.requires_grad:  # torch would raise "element 0 of tensors does not require grad"
             return [Finding("no gradient", f"the loss does not depend on any of the {len(trainable)} trainable "
-                                           f"parameters ({_names(trainable)}): with gradient checkpointing "
-                                           f"(reentrant), call model.enable_input_require_grads() or use "
-                                           f"use_reentrant=False; else the forward does not use these layers.")]
+                                           f"parameters ({_names(trainable)}). {NO_GRADIENT_HINT}")]
         loss.backward()
         unreached = [(n, p) for n, p in trainable if p.grad is None]
         # LoRA at init: B = 0, so A's gradient is exactly zero; a layer is dead when neither A nor B moves
-        dead = []
-        for name, layer in lora_layers(model):
-            for adapter_name, a in layer.adapters.items():
-                if all(p.grad is None or not p.grad.any() for p in (a.lora_A, a.lora_B) if p.requires_grad):
-                    if any(p.requires_grad for p in (a.lora_A, a.lora_B)):
-                        dead.append(f"{name} ({adapter_name})")
+        dead = [f"{name} ({adapter_name})" for name, layer in lora_layers(model)
+                for adapter_name, a in layer.adapters.items()
+                if (trained := [p for p in (a.lora_A, a.lora_B) if p.requires_grad])
+                and all(p.grad is None or not p.grad.any() for p in trained)]
     finally:
         for (_, p), g in zip(trainable, saved, strict=True):
             p.grad = g
@@ -96,9 +95,7 @@ def check_gradients(model: nn.Module, batch: dict) -> list[Finding]:
     found = []
     if unreached:
         found.append(Finding("no gradient", f"{len(unreached)} trainable parameters got no gradient from a backward "
-                                            f"pass: {_names(unreached)}. With gradient checkpointing (reentrant), "
-                                            f"call model.enable_input_require_grads() or use_reentrant=False; else "
-                                            f"the forward does not use these layers."))
+                                            f"pass: {_names(unreached)}. {NO_GRADIENT_HINT}"))
     if dead and not unreached:
         found.append(Finding("no gradient", f"the LoRA layers {', '.join(dead[:4])} got an all-zero gradient."))
     return found
